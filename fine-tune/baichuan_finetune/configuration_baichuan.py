@@ -1,0 +1,86 @@
+"""Baichuan2 model configuration.
+
+Self-contained: this file is copied next to saved weights so that
+``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works without our package.
+"""
+
+from transformers import PretrainedConfig
+
+ROPE = "rope"
+ALIBI = "alibi"
+
+
+class BaichuanConfig(PretrainedConfig):
+    """Configuration of Baichuan2-7B (RoPE) and Baichuan2-13B (ALiBi) style models.
+
+    The official config files have no ``position_embedding`` field: the 7B one has
+    ``max_position_embeddings`` (RoPE) and the 13B one does not (ALiBi). We resolve it here once
+    and save the resolved value, so a saved config never depends on that guess again.
+    """
+
+    model_type = "baichuan"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 125696,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        hidden_act: str = "silu",
+        max_position_embeddings: int | None = None,
+        model_max_length: int = 4096,
+        position_embedding: str | None = None,
+        rope_theta: float = 10000.0,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        z_loss_weight: float = 0.0,
+        use_cache: bool = True,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        user_token_id: int = 195,
+        assistant_token_id: int = 196,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        if position_embedding is None:
+            position_embedding = ROPE if max_position_embeddings is not None else ALIBI
+        if position_embedding not in (ROPE, ALIBI):
+            raise ValueError(f"position_embedding must be 'rope' or 'alibi', got {position_embedding!r}")
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
+            )
+        if hidden_act != "silu":
+            raise ValueError(f"Baichuan2 uses hidden_act 'silu', got {hidden_act!r}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.model_max_length = model_max_length
+        self.position_embedding = position_embedding
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.z_loss_weight = z_loss_weight
+        self.use_cache = use_cache
+        self.user_token_id = user_token_id
+        self.assistant_token_id = assistant_token_id
+        # Official configs carry this obsolete flag; it is meaningless now and would only confuse.
+        kwargs.pop("gradient_checkpointing", None)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

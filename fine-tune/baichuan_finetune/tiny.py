@@ -1,0 +1,161 @@
+"""The embedded default: a tiny Baichuan2 built offline from the project's own data.
+
+There is no model hub here, so the quickstart, tests and benchmarks use a model made by
+``scripts/make_tiny_model.py``: Baichuan2 architecture, a few layers, and either a sentencepiece
+BPE tokenizer trained on ``data/`` with the official id layout or the real Baichuan2 tokenizer.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import GenerationConfig
+
+from .configuration_baichuan import BaichuanConfig
+from .modeling_baichuan import BaichuanForCausalLM
+from .tokenization_baichuan import BaichuanTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+
+# The official chat generation config, except max_new_tokens, which must fit the tiny context.
+CHAT_GENERATION_CONFIG = dict(
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    user_token_id=195,
+    assistant_token_id=196,
+    max_new_tokens=2048,
+    temperature=0.3,
+    top_k=5,
+    top_p=0.85,
+    repetition_penalty=1.05,
+    do_sample=True,
+)
+
+
+def _user_defined_symbols() -> list[str]:
+    """Pieces for ids 3..196, laid out so that ``<reserved_106>`` is 195 and ``<reserved_107>`` 196."""
+    head = ["<SEP>", "<CLS>", "\n", "\t"]  # ids 3-6, as in the official vocabulary
+    filler = [f"<unused_{i}>" for i in range(89 - 3 - len(head))]  # ids 7-88
+    reserved = [f"<reserved_{i}>" for i in range(108)]  # ids 89-196, as officially
+    return head + filler + reserved
+
+
+def _collect_strings(value, out: list[str]) -> None:
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect_strings(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _collect_strings(v, out)
+
+
+def corpus_lines(data_dir: Path) -> list[str]:
+    """Every string value in the JSON/JSONL files under ``data_dir``, one line per text line."""
+    texts: list[str] = []
+    for path in sorted(data_dir.rglob("*")):
+        if path.suffix == ".json":
+            _collect_strings(json.loads(path.read_text(encoding="utf-8")), texts)
+        elif path.suffix == ".jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    _collect_strings(json.loads(line), texts)
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"no text found under {data_dir} to train the tiny tokenizer on")
+    return lines
+
+
+def train_tokenizer(data_dir: Path, model_prefix: Path, vocab_size: int = 4096) -> Path:
+    """Train a byte-fallback BPE sentencepiece model with the official Baichuan2 id layout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(corpus_lines(data_dir)) + "\n", encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(model_prefix),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            character_coverage=0.995,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            user_defined_symbols=_user_defined_symbols(),
+            num_threads=1,
+            minloglevel=2,
+        )
+    return model_prefix.with_suffix(".model")
+
+
+def make_tiny_model(
+    output_dir: str | Path,
+    position_embedding: str = "rope",
+    tokenizer_model: str | Path | None = None,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    hidden_size: int = 128,
+    intermediate_size: int = 344,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    model_max_length: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a complete HF directory of a tiny random Baichuan2 and return its path.
+
+    Deterministic: the same arguments and data give the same files.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer_model is None:
+            sp_file = train_tokenizer(Path(data_dir), Path(tmp) / "tokenizer")
+        else:
+            sp_file = Path(tokenizer_model)
+        tokenizer = BaichuanTokenizer(vocab_file=str(sp_file), model_max_length=model_max_length)
+        tokenizer.save_pretrained(output_dir)
+    for role_id, piece in ((195, "<reserved_106>"), (196, "<reserved_107>")):
+        if tokenizer.sp_model.id_to_piece(role_id) != piece:
+            raise ValueError(f"{sp_file}: id {role_id} is not {piece}; not a Baichuan2 id layout")
+
+    config = BaichuanConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=model_max_length if position_embedding == "rope" else None,
+        model_max_length=model_max_length,
+        position_embedding=position_embedding,
+        architectures=["BaichuanForCausalLM"],
+        tokenizer_class="BaichuanTokenizer",
+    )
+    torch.manual_seed(seed)
+    model = BaichuanForCausalLM(config)
+    model.generation_config = chat_generation_config(max_new_tokens=min(2048, model_max_length // 4))
+    model.save_pretrained(output_dir)
+    return output_dir
+
+
+def chat_generation_config(**overrides) -> GenerationConfig:
+    """The official Baichuan2 chat generation config, with ``overrides``."""
+    return GenerationConfig(**{**CHAT_GENERATION_CONFIG, **overrides})
+
+
+def copy_model_code(output_dir: str | Path) -> None:
+    """Copy the self-contained config/model/tokenizer modules into ``output_dir``."""
+    here = Path(__file__).resolve().parent
+    for name in ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py"):
+        shutil.copyfile(here / name, Path(output_dir) / name)
