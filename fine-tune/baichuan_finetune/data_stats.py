@@ -115,11 +115,11 @@ def format_example(sp: Any, input_ids: Sequence[int], labels: Sequence[int], col
             out.append(f"{open_}{text}{close}" if run_supervised else text)
             run.clear()
 
-    for token, label in zip(input_ids, labels):
+    for position, (token, label) in enumerate(zip(input_ids, labels)):
         token, label = int(token), int(label)
         if token in (USER_ID, ASSISTANT_ID, EOS_ID):
             flush()
-            if label not in (IGNORE_INDEX, token):
+            if label not in (IGNORE_INDEX, token) and position > 0:  # position 0's label is never used
                 out.append(f"{open_}</s>{close}")
             name = {USER_ID: "\n<user>: ", ASSISTANT_ID: "\n<assistant>: ", EOS_ID: "</s>"}[token]
             out.append(f"{open_}{name}{close}" if label == token else name)
@@ -131,3 +131,52 @@ def format_example(sp: Any, input_ids: Sequence[int], labels: Sequence[int], col
         run.append(token)
     flush()
     return "".join(out).lstrip("\n")
+
+
+def load_sentencepiece(tokenizer_path: str):
+    """A SentencePieceProcessor from a `.model` file or a directory holding `tokenizer.model`."""
+    import os
+
+    import sentencepiece as spm
+
+    from .records import DataError
+
+    path = os.path.join(tokenizer_path, "tokenizer.model") if os.path.isdir(tokenizer_path) else tokenizer_path
+    if not os.path.isfile(path):
+        raise DataError(f"{tokenizer_path}: no tokenizer.model found")
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def inspect_data(
+    data_args: Any,
+    tokenizer: Any,
+    model_max_length: int,
+    batch_size: int = 8,
+    preview: int = 3,
+    dump: str | None = None,
+    color: bool = False,
+) -> str:
+    """Statistics and a preview of the first examples as text; with `dump`, write every kept example
+    (unpadded ``input_ids`` and ``labels``, input order) as one JSON object per line."""
+    import json
+
+    from .preprocess import prepare_data
+
+    prepared = prepare_data(data_args, tokenizer, model_max_length)
+    report = prepared.report
+    if not data_args.packing and not data_args.val_size and not data_args.eval_data_path:
+        report.efficiency, report.packed_rows = padding_efficiency(
+            np.asarray(prepared.train_dataset["length"]), model_max_length, batch_size)
+        report.batch_size = batch_size
+    sp = getattr(tokenizer, "sp_model", tokenizer)
+    parts = [report.format()]
+    for i in range(min(preview, len(prepared.train_dataset))):
+        row = prepared.train_dataset[i]
+        parts.append(f"--- example {i} ({len(row['input_ids'])} tokens; supervised in "
+                     f"{'green' if color else '[[ ]]'}) ---\n" + format_example(sp, row["input_ids"], row["labels"], color))
+    if dump:
+        with open(dump, "w", encoding="utf-8") as f:
+            for row in prepared.train_dataset:
+                f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+        parts.append(f"wrote {len(prepared.train_dataset)} examples to {dump}")
+    return "\n".join(parts)

@@ -170,9 +170,9 @@ class BaichuanLayer(GradientCheckpointingLayer):
 
 
 def _chunk_loss_sums(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, with_z: bool
+    hidden: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, labels: torch.Tensor, with_z: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight).float() * inv_norm
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     z = logits.max(dim=-1).values.pow(2).sum() if with_z else logits.new_zeros(())
     return ce, z
@@ -214,9 +214,12 @@ class NormHead(nn.Module):
         The loss never materialises the full ``[tokens, vocab]`` logits: each chunk of tokens is
         recomputed in backward, so only one chunk's float32 logits are alive at a time.
         """
-        weight = self.normalized_weight()
         if labels is None:
-            return F.linear(hidden_states, weight)
+            return F.linear(hidden_states, self.normalized_weight())
+        # Scaling logits by 1/|w_v| equals using normalize(W), without a [vocab, hidden] copy of
+        # the weight and of its gradient.
+        weight = self.weight
+        inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).clamp_min(1e-12)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         labels = labels.reshape(-1).to(hidden.device)
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -224,7 +227,7 @@ class NormHead(nn.Module):
         with_z = z_loss_weight > 0
         for start in range(0, hidden.shape[0], LOSS_CHUNK_SIZE):
             end = start + LOSS_CHUNK_SIZE
-            args = (hidden[start:end], weight, labels[start:end], with_z)
+            args = (hidden[start:end], weight, inv_norm, labels[start:end], with_z)
             if torch.is_grad_enabled():
                 ce, z = checkpoint(_chunk_loss_sums, *args, use_reentrant=False)
             else:
@@ -409,6 +412,41 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             response += piece
             yield response
         thread.join()
+
+    # ----- online quantization, as in the official release (bitsandbytes, imported lazily) -----
+
+    QUANTIZED_LINEARS = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def quantize(self, bits: int, compute_dtype: torch.dtype | None = None) -> "BaichuanForCausalLM":
+        """Replace every layer's linear weights by bitsandbytes int8 (``bits=8``) or NF4 (``bits=4``).
+
+        The model is quantized where it is (bitsandbytes quantizes on a CUDA device; its CPU support
+        depends on the bitsandbytes release). Returns ``self`` for ``model = model.quantize(8)``.
+        """
+        if bits not in (4, 8):
+            raise ValueError(f"quantize(bits): bits must be 8 or 4, got {bits}")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError("quantize() needs bitsandbytes: pip install bitsandbytes") from exc
+        compute_dtype = compute_dtype or self.dtype
+        for layer in self.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name in self.QUANTIZED_LINEARS:
+                    linear = getattr(parent, name, None)
+                    if not isinstance(linear, nn.Linear):
+                        continue  # absent here, or already quantized
+                    device, weight = linear.weight.device, linear.weight.data
+                    if bits == 8:
+                        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False,
+                                                  has_fp16_weights=False, threshold=6.0)
+                        new.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+                    else:
+                        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                                compute_dtype=compute_dtype, quant_type="nf4")
+                        new.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4")
+                    setattr(parent, name, new.to(device))  # moving to the device quantizes
+        return self
 
 
 def _encode_text(tokenizer, text: str) -> list[int]:

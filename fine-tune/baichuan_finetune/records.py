@@ -252,7 +252,8 @@ def _parse_messages(record: dict, key: str, roles: dict[str, str], expected: str
         if not isinstance(msg, dict):
             raise _Bad(where, f"message is a JSON {_json_type(msg)}, expected an object", "not an object")
         role_key = "from" if "from" in msg else "role"
-        text_key = "value" if "value" in msg or "content" not in msg else "content"
+        text_key = "value" if "value" in msg else "content" if "content" in msg else (
+            "value" if role_key == "from" else "content")
         role = msg.get(role_key)
         if not isinstance(role, str):
             raise _Bad(f"{where}.{role_key}", "missing role" if role is None else f"role is a JSON {_json_type(role)}",

@@ -1,0 +1,80 @@
+"""Peak memory of the chunked NormHead loss against the naive full-logits loss.
+
+Each mode runs in its own process; the figure is the growth of peak RSS during one forward and
+backward of the loss, above the memory held before it (hidden states and head weight).
+
+Usage: python scripts/benchmark_loss_memory.py [--seq 4096] [--vocab 125696] [--hidden 128 4096]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
+    from baichuan_finetune.modeling_baichuan import NormHead
+
+    torch.manual_seed(0)
+    head = NormHead(hidden, vocab)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    h = torch.randn(seq, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (seq,))
+    labels[: seq // 4] = -100
+    z = 1e-4
+    baseline = rss_bytes()
+    if mode == "naive":
+        logits = (h @ F.normalize(head.weight, dim=-1).T).float()
+        loss = F.cross_entropy(logits, labels, ignore_index=-100) + z * logits.max(-1).values.pow(2).mean()
+    else:
+        loss = head(h, labels, z_loss_weight=z)
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "loss": loss.item(),
+        "grad_h_sum": h.grad.double().abs().sum().item(),
+        "grad_w_sum": head.weight.grad.double().abs().sum().item(),
+        "peak_growth_bytes": peak - baseline,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=125696)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 4096])
+    parser.add_argument("--_mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._mode:
+        print(json.dumps(run_mode(args._mode, args.seq, args.vocab, args.hidden[0])))
+        return
+    print(f"loss over {args.seq} tokens, vocab {args.vocab}, float32, CPU; peak RSS growth during forward+backward")
+    for hidden in args.hidden:
+        results = {}
+        for mode in ("naive", "chunked"):
+            cmd = [sys.executable, __file__, "--seq", str(args.seq), "--vocab", str(args.vocab)]
+            cmd += ["--hidden", str(hidden), "--_mode", mode]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results[mode] = json.loads(out.strip().splitlines()[-1])
+        n, c = results["naive"], results["chunked"]
+        ratio = c["peak_growth_bytes"] / n["peak_growth_bytes"]
+        print(
+            f"hidden {hidden:5d}: naive {n['peak_growth_bytes'] / 2**30:6.2f} GiB, "
+            f"chunked {c['peak_growth_bytes'] / 2**30:6.2f} GiB, ratio {ratio:.3f}; "
+            f"|loss diff| {abs(n['loss'] - c['loss']):.2e}, "
+            f"grad sums rel diff h {abs(n['grad_h_sum'] - c['grad_h_sum']) / n['grad_h_sum']:.1e} "
+            f"w {abs(n['grad_w_sum'] - c['grad_w_sum']) / n['grad_w_sum']:.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""scripts/inspect_data.py: statistics, preview, dump, and a clean error exit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from baichuan_finetune.encoding import encode_conversations
+from baichuan_finetune.records import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO.parent / "shared" / "baichuan2"
+
+
+@pytest.fixture(scope="module")
+def script():
+    if not (TOKENIZER_DIR / "tokenizer.model").exists():
+        pytest.skip(f"real Baichuan2 tokenizer not found in {TOKENIZER_DIR}")
+    spec = importlib.util.spec_from_file_location("inspect_data", REPO / "scripts" / "inspect_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_statistics_preview_and_dump(script, tmp_path, capsys):
+    data = REPO / "data" / "examples"
+    dump = tmp_path / "out.jsonl"
+    rc = script.main(["--data_path", str(data), "--tokenizer_path", str(TOKENIZER_DIR), "--model_max_length", "64",
+                      "--dump", str(dump), "--data_cache_dir", str(tmp_path / "cache"), "--batch_size", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for text in ("records read: 12", "p50", "p99", "supervised:", "max_length", "longest (batch 4)", "packing",
+                 "<assistant>: [[", "--- example 0"):
+        assert text in out
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
+    expected = encode_conversations(sp, read_records(str(data)).conversations, 64).examples()
+    dumped = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [(d["input_ids"], d["labels"]) for d in dumped] == expected
+
+
+def test_model_file_path_and_bad_data_exit_1(script, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "bot", "value": "x"}]}\n')
+    rc = script.main(["--data_path", str(bad), "--tokenizer_path", str(TOKENIZER_DIR / "tokenizer.model"),
+                      "--model_max_length", "64", "--data_cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "bad.jsonl line 1: conversations[0].from: unknown role 'bot'" in err
+    assert "Traceback" not in err

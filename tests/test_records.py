@@ -1,0 +1,161 @@
+"""Reading every supported format, and a clear message for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from baichuan_finetune import records
+from baichuan_finetune.records import ASSISTANT, USER, DataError, read_records
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+EXAMPLES = REPO / "data" / "examples"
+
+
+def write(tmp_path: Path, name: str, content) -> str:
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    elif name.endswith(".jsonl"):
+        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in content) + "\n", encoding="utf-8")
+    else:
+        path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+GOOD = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+
+
+def test_examples_of_every_format():
+    result = read_records(str(EXAMPLES))
+    assert set(result.formats.values()) == {"sharegpt", "openai", "alpaca"}
+    by_source = {c.source.split("/")[-1]: c for c in result.conversations}
+    sys_first = by_source["sharegpt.jsonl line 1"]
+    assert sys_first.system == "You are a concise assistant."
+    assert sys_first.turns == [(USER, "Name three primary colors."), (ASSISTANT, "Red, yellow and blue.")]
+    assert by_source["sharegpt.jsonl line 2"].system == "你是一个乐于助人的助手。"
+    assert by_source["openai.jsonl line 1"].system == "You answer in one sentence."
+    alpaca = by_source["alpaca.json record 2"]
+    assert alpaca.turns[0] == (USER, "How do I say hello in French?")
+    assert by_source["alpaca.json record 0"].turns[0][1].startswith("Summarize the sentence.\nThe quick")
+    assert by_source["alpaca.json record 3"].system == "你是一位耐心的老师。"
+
+
+def test_comma_separated_and_directory(tmp_path):
+    a = write(tmp_path, "a.json", [GOOD])
+    b = write(tmp_path, "b.jsonl", [GOOD, GOOD])
+    assert len(read_records(f"{a},{b}").conversations) == 3
+    assert len(read_records(str(tmp_path)).conversations) == 3
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("x.jsonl", '{"conversations": []}\n{"conversations": [\n', "x.jsonl line 2: invalid JSON at column"),
+        ("x.json", '[{"conversations": [}]', "x.json: invalid JSON at line 1 column"),
+        ("x.json", [GOOD, 5], "x.json record 1: record is a JSON number, expected an object"),
+        ("x.jsonl", [GOOD, {"id": "b"}], "x.jsonl line 2: conversations: missing conversation field"),
+        ("x.jsonl", [GOOD, {"conversations": []}], "x.jsonl line 2: conversations: empty conversation"),
+        ("x.jsonl", [GOOD, {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}],
+         "x.jsonl line 2: conversations[1].from: unknown role 'bot' (expected human, user, gpt, assistant or system)"),
+        ("x.jsonl", [GOOD, {"conversations": [{"from": "human", "value": 3}]}],
+         "x.jsonl line 2: conversations[0].value: text is a JSON number, expected a string"),
+        ("x.jsonl", [GOOD, {"conversations": [{"from": "human"}]}], "x.jsonl line 2: conversations[0].value: missing text"),
+        ("x.jsonl", [GOOD, {"conversations": [{"from": "human", "value": "a"}, {"from": "system", "value": "s"}]}],
+         "x.jsonl line 2: conversations[1].from: system message not in first place"),
+        ("x.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}],
+         "x.jsonl line 1: messages[1].role: unknown role 'tool' (expected system, user or assistant)"),
+        ("x.jsonl", [{"messages": [{"role": "user"}]}], "x.jsonl line 1: messages[0].content: missing text"),
+        ("x.json", [{"instruction": "a", "output": None}], "x.json record 0: output: missing text"),
+        ("x.json", [{"instruction": "a", "output": "b", "history": [["only one"]]}],
+         "x.json record 0: history[0]: expected a [user, assistant] pair"),
+    ],
+)
+def test_bad_records_name_file_record_and_field(tmp_path, name, content, expected):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert expected in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("empty.jsonl", "", "empty.jsonl: empty file"),
+        ("blank.json", "  \n", "blank.json: empty file"),
+        ("arr.json", "[]", "arr.json: empty file"),
+        ("odd.jsonl", [{"question": "q", "answer": "a"}], "odd.jsonl: unknown format (first record keys: question, answer)"),
+        ("splits.json", '{\n "train": [["a", "b"]],\n "test": []\n}', "splits.json: unknown format: the file is one JSON object"),
+    ],
+)
+def test_file_level_errors(tmp_path, name, content, expected):
+    with pytest.raises(DataError) as err:
+        read_records(write(tmp_path, name, content))
+    assert expected in str(err.value)
+
+
+def test_unreadable_and_missing_files(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="no such file or directory"):
+        read_records(str(tmp_path / "missing.json"))
+    path = write(tmp_path, "locked.json", [GOOD])
+    if os.geteuid() == 0:  # root reads mode-000 files: fail the open instead
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(records, "open", refuse, raising=False)
+    os.chmod(path, 0)
+    try:
+        with pytest.raises(DataError, match="locked.json: cannot read file: Permission denied"):
+            read_records(path)
+    finally:
+        os.chmod(path, 0o644)
+
+
+def test_error_lists_first_20_and_count_skip_counts_by_reason(tmp_path):
+    records = [GOOD] + [{"conversations": [{"from": "bot", "value": "x"}]}] * 25 + [{"conversations": []}] * 2
+    path = write(tmp_path, "many.jsonl", records)
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    message = str(err.value)
+    assert message.count("unknown role 'bot'") == 20
+    assert "27 bad record(s)" in message and "... and 7 more" in message
+    assert len(err.value.problems) == 27
+
+    result = read_records(path, on_bad_record="skip")
+    assert len(result.conversations) == 1
+    reasons = {}
+    for b in result.bad_records:
+        reasons[b.reason] = reasons.get(b.reason, 0) + 1
+    assert reasons == {"unknown role": 25, "empty conversation": 2}
+
+
+def test_same_role_twice_accepted(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+                             {"from": "gpt", "value": "c"}]}
+    assert read_records(write(tmp_path, "x.json", [rec])).conversations[0].turns[:2] == [(USER, "a"), (USER, "b")]
+
+
+UNSUPPORTED = {
+    "llamafactory_glaive_toolcall_zh_demo.json": "unknown role 'function_call'",
+    "llamafactory_glaive_toolcall_en_demo.json": "unknown role 'function_call'",
+    "cdial_lccc_toy_data.json": "unknown format: the file is one JSON object (keys: valid, train, test)",
+    "firefly_dummy_data.jsonl": "unknown format (first record keys: conversation_id",
+    "fastchat_mt_bench_question.jsonl": "unknown format (first record keys: question_id",
+    "chinese_vicuna_chat_sample.jsonl": "unknown format (first record keys: input, output",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_shared_files_give_clear_errors(name):
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (../shared/data is read-only team material)")
+    with pytest.raises(DataError) as err:
+        read_records(str(path))
+    assert UNSUPPORTED[name] in str(err.value)
+    assert str(path) in str(err.value)
