@@ -6,19 +6,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from baichuan_finetune.tiny import collect_strings
 from baichuan_finetune.tokenization_baichuan import BaichuanTokenizer, encode_plain_texts
-
-
-def texts_of(value, out):
-    if isinstance(value, str):
-        out.append(value)
-    elif isinstance(value, dict):
-        for v in value.values():
-            texts_of(v, out)
-    elif isinstance(value, list):
-        for v in value:
-            texts_of(v, out)
-    return out
 
 
 def file_texts(path: Path) -> list[str]:
@@ -26,7 +15,7 @@ def file_texts(path: Path) -> list[str]:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         records = json.loads(path.read_text(encoding="utf-8"))
-    return texts_of(records, [])
+    return collect_strings(records, [])
 
 
 @pytest.fixture(scope="module")

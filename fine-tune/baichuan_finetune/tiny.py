@@ -45,15 +45,17 @@ def _user_defined_symbols() -> list[str]:
     return head + filler + reserved
 
 
-def _collect_strings(value, out: list[str]) -> None:
+def collect_strings(value, out: list[str]) -> list[str]:
+    """Append every string inside a JSON value to ``out`` (depth first) and return ``out``."""
     if isinstance(value, str):
         out.append(value)
     elif isinstance(value, dict):
         for v in value.values():
-            _collect_strings(v, out)
+            collect_strings(v, out)
     elif isinstance(value, list):
         for v in value:
-            _collect_strings(v, out)
+            collect_strings(v, out)
+    return out
 
 
 def corpus_lines(data_dir: Path) -> list[str]:
@@ -61,11 +63,11 @@ def corpus_lines(data_dir: Path) -> list[str]:
     texts: list[str] = []
     for path in sorted(data_dir.rglob("*")):
         if path.suffix == ".json":
-            _collect_strings(json.loads(path.read_text(encoding="utf-8")), texts)
+            collect_strings(json.loads(path.read_text(encoding="utf-8")), texts)
         elif path.suffix == ".jsonl":
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
-                    _collect_strings(json.loads(line), texts)
+                    collect_strings(json.loads(line), texts)
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"no text found under {data_dir} to train the tiny tokenizer on")
