@@ -1,0 +1,354 @@
+"""k-shot multiple-choice evaluation (C-Eval / CMMLU / MMLU CSV layouts) by answer-letter logits.
+
+For each question the prompt is the official-style one::
+
+    以下是关于{subject}的单项选择题，请直接给出正确答案的选项。
+
+    题目：{question}
+    A. {A}
+    ...
+    答案：{answer}
+
+    (k shots, from dev/) then the question with 答案：
+
+and the prediction is the letter among A-D whose token has the largest logit at the last position.
+Prompts longer than the model's context drop shots (last first), then are cut from the left.
+Batches are left-padded (the model restarts positions after left padding via ``attention_mask``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .inference import chat_model, load_model
+
+LETTERS = ("A", "B", "C", "D")
+DEFAULT_COLUMNS = {"question": "question", "A": "A", "B": "B", "C": "C", "D": "D", "answer": "answer"}
+PROMPT_STYLES = {
+    "zh": {"header": "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n",
+           "question": "题目：{question}\n", "answer": "答案："},
+    "en": {"header": "The following are multiple choice questions (with answers) about {subject}.\n\n",
+           "question": "{question}\n", "answer": "Answer:"},
+}
+SPLIT_SUFFIXES = ("_dev", "_val", "_test")
+
+# CMMLU subject names (its name_en2zh table); C-Eval ships subject_mapping.json, read when present.
+CMMLU_SUBJECTS_ZH = {
+    "agronomy": "农学", "anatomy": "解剖学", "ancient_chinese": "古汉语", "arts": "艺术学", "astronomy": "天文学",
+    "business_ethics": "商业伦理", "chinese_civil_service_exam": "中国公务员考试", "chinese_driving_rule": "中国驾驶规则",
+    "chinese_food_culture": "中国饮食文化", "chinese_foreign_policy": "中国外交政策", "chinese_history": "中国历史",
+    "chinese_literature": "中国文学", "chinese_teacher_qualification": "中国教师资格", "clinical_knowledge": "临床知识",
+    "college_actuarial_science": "大学精算学", "college_education": "大学教育学",
+    "college_engineering_hydrology": "大学工程水文学", "college_law": "大学法律", "college_mathematics": "大学数学",
+    "college_medical_statistics": "大学医学统计", "college_medicine": "大学医学", "computer_science": "计算机科学",
+    "computer_security": "计算机安全", "conceptual_physics": "概念物理学", "construction_project_management": "建设工程管理",
+    "economics": "经济学", "education": "教育学", "electrical_engineering": "电气工程", "elementary_chinese": "小学语文",
+    "elementary_commonsense": "小学常识", "elementary_information_and_technology": "小学信息技术",
+    "elementary_mathematics": "初等数学", "ethnology": "民族学", "food_science": "食品科学", "genetics": "遗传学",
+    "global_facts": "全球事实", "high_school_biology": "高中生物", "high_school_chemistry": "高中化学",
+    "high_school_geography": "高中地理", "high_school_mathematics": "高中数学", "high_school_physics": "高中物理学",
+    "high_school_politics": "高中政治", "human_sexuality": "人类性行为", "international_law": "国际法学",
+    "journalism": "新闻学", "jurisprudence": "法理学", "legal_and_moral_basis": "法律与道德基础", "logical": "逻辑学",
+    "machine_learning": "机器学习", "management": "管理学", "marketing": "市场营销", "marxist_theory": "马克思主义理论",
+    "modern_chinese": "现代汉语", "nutrition": "营养学", "philosophy": "哲学", "professional_accounting": "专业会计",
+    "professional_law": "专业法学", "professional_medicine": "专业医学", "professional_psychology": "专业心理学",
+    "public_relations": "公共关系", "security_study": "安全研究", "sociology": "社会学", "sports_science": "体育学",
+    "traditional_chinese_medicine": "中医中药", "virology": "病毒学", "world_history": "世界历史",
+    "world_religions": "世界宗教",
+}
+
+
+@dataclass
+class Item:
+    question: str
+    options: tuple[str, str, str, str]
+    answer: int | None  # index into LETTERS; None when the split has no answers
+
+
+@dataclass
+class SubjectResult:
+    subject: str
+    name: str
+    total: int = 0
+    correct: int = 0
+    shots_dropped: int = 0  # prompts that did not fit with all k shots
+    truncated: int = 0  # prompts cut from the left even with 0 shots
+    predictions: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """``"question=Question,A=A,...,answer=Answer"`` over the defaults; values may be 0-based positions."""
+    columns = dict(DEFAULT_COLUMNS)
+    if not spec:
+        return columns
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in columns or not value.strip():
+            raise ValueError(f"bad --columns entry {part!r}: expected KEY=COLUMN with KEY in {', '.join(columns)}")
+        columns[key] = value.strip()
+    return columns
+
+
+def _answer_index(value: str, answer_format: str, where: str) -> int | None:
+    value = value.strip()
+    if not value:
+        return None
+    if answer_format == "index":
+        if value in ("0", "1", "2", "3"):
+            return int(value)
+    elif value.upper() in LETTERS:
+        return LETTERS.index(value.upper())
+    expected = "0-3" if answer_format == "index" else "A-D"
+    raise ValueError(f"{where}: answer {value!r} is not {expected} (see --answer_format)")
+
+
+def read_items(path: Path, columns: dict[str, str], answer_format: str = "letter", header: bool = True) -> list[Item]:
+    """Questions of one CSV file; column names match case-insensitively (CMMLU's unnamed index is ignored)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return []
+    if header:
+        names = [name.strip().lower() for name in rows[0]]
+        rows = rows[1:]
+    index = {}
+    for key, column in columns.items():
+        if column.isdigit():
+            index[key] = int(column)
+        elif not header:
+            raise ValueError(f"{path}: without a header row, --columns must give positions (got {key}={column})")
+        elif column.lower() in names:
+            index[key] = names.index(column.lower())
+        elif key == "answer":
+            index[key] = None  # e.g. C-Eval test: no answers
+        else:
+            raise ValueError(f"{path}: no column {column!r} for {key} (columns: {', '.join(names)}); see --columns")
+    items = []
+    for n, row in enumerate(rows, start=2 if header else 1):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{path}:{n}"
+        answer = None
+        if index["answer"] is not None and index["answer"] < len(row):
+            answer = _answer_index(row[index["answer"]], answer_format, where)
+        items.append(Item(row[index["question"]], tuple(row[index[k]] for k in LETTERS), answer))
+    return items
+
+
+def subject_of(path: Path) -> str:
+    stem = path.stem
+    for suffix in SPLIT_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def subject_names(task_dir: Path, style: str) -> dict[str, str]:
+    """Display names for the header: C-Eval's subject_mapping.json, CMMLU's table, else the file name."""
+    mapping = task_dir / "subject_mapping.json"
+    if mapping.is_file():
+        data = json.loads(mapping.read_text(encoding="utf-8"))
+        return {k: (v[1] if style == "zh" else v[0]) if isinstance(v, list) else v for k, v in data.items()}
+    return dict(CMMLU_SUBJECTS_ZH) if style == "zh" else {}
+
+
+def find_split(task_dir: Path, split: str | None) -> Path:
+    if split:
+        path = task_dir / split
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist")
+        return path
+    for name in ("val", "test"):
+        if (task_dir / name).is_dir():
+            return task_dir / name
+    raise FileNotFoundError(f"{task_dir} has neither val/ nor test/ (the C-Eval/CMMLU layout)")
+
+
+def format_question(item: Item, style: dict, with_answer: bool) -> str:
+    text = style["question"].format(question=item.question.strip())
+    text += "".join(f"{letter}. {option.strip()}\n" for letter, option in zip(LETTERS, item.options))
+    text += style["answer"]
+    if with_answer:
+        text += ("" if style["answer"].endswith("：") else " ") + LETTERS[item.answer] + "\n\n"
+    return text
+
+
+def letter_token_ids(tokenizer, style: dict) -> list[int]:
+    """Id of each answer letter as it follows the answer cue (``答案：A`` / ``Answer: A``)."""
+    encode = _encoder(tokenizer)
+    cue = style["answer"] + ("" if style["answer"].endswith("：") else " ")
+    cue_ids = encode(cue)
+    ids = []
+    for letter in LETTERS:
+        full = encode(cue + letter)
+        if full[: len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
+            full = encode(letter)  # the letter merges with the cue: fall back to the bare letter
+            if len(full) != 1:
+                raise ValueError(f"answer letter {letter!r} is not one token in this vocabulary")
+            ids.append(full[0])
+        else:
+            ids.append(full[-1])
+    if len(set(ids)) != len(LETTERS):
+        raise ValueError(f"answer letters do not map to distinct tokens: {ids}")
+    return ids
+
+
+def _encoder(tokenizer):
+    encode = getattr(tokenizer, "encode_plain_text", None)
+    return encode if encode is not None else (lambda text: tokenizer.encode(text, add_special_tokens=False))
+
+
+def build_prompt_ids(tokenizer, subject_name: str, shots: list[Item], item: Item, style: dict, max_length: int):
+    """Prompt ids (k shots, dropping the last shots while too long) and how many shots were dropped."""
+    encode = _encoder(tokenizer)
+    header = style["header"].format(subject=subject_name)
+    question = format_question(item, style, with_answer=False)
+    shot_texts = [format_question(shot, style, with_answer=True) for shot in shots]
+    for k in range(len(shots), -1, -1):
+        ids = encode(header + "".join(shot_texts[:k]) + question)
+        if len(ids) <= max_length:
+            return ids, len(shots) - k, False
+    return ids[-max_length:], len(shots), True
+
+
+@torch.no_grad()
+def score_prompts(model, prompts: list[list[int]], letter_ids: list[int], batch_size: int = 8) -> list[int]:
+    """Index of the highest-logit letter for each prompt; batches of similar length, left-padded."""
+    base = chat_model(model)
+    pad_id = base.config.pad_token_id or 0
+    device = base.device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    predictions = [0] * len(prompts)
+    letters = torch.tensor(letter_ids, device=device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = prompts[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       logits_to_keep=1, use_cache=False).logits[:, -1]
+        choice = logits.index_select(-1, letters).argmax(-1).tolist()
+        for row, i in enumerate(batch):
+            predictions[i] = choice[row]
+    return predictions
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    task_dir: str | Path,
+    shots: int = 5,
+    split: str | None = None,
+    subjects: list[str] | None = None,
+    limit: int | None = None,
+    columns: dict[str, str] | None = None,
+    answer_format: str = "letter",
+    prompt_style: str = "zh",
+    batch_size: int = 8,
+    header: bool = True,
+    max_length: int | None = None,
+) -> dict:
+    """Per-subject and average accuracy on ``task_dir`` (``dev/`` + ``val/`` or ``test/``)."""
+    task_dir = Path(task_dir)
+    columns = columns or dict(DEFAULT_COLUMNS)
+    style = PROMPT_STYLES[prompt_style]
+    split_dir = find_split(task_dir, split)
+    names = subject_names(task_dir, prompt_style)
+    letter_ids = letter_token_ids(tokenizer, style)
+    max_length = max_length or chat_model(model).config.model_max_length
+    files = {subject_of(p): p for p in sorted(split_dir.glob("*.csv"))}
+    if subjects:
+        missing = sorted(set(subjects) - set(files))
+        if missing:
+            raise FileNotFoundError(f"no {split_dir.name} file for subjects {', '.join(missing)}")
+        files = {s: files[s] for s in subjects}
+    if not files:
+        raise FileNotFoundError(f"no CSV files in {split_dir}")
+    dev_files = {subject_of(p): p for p in sorted((task_dir / "dev").glob("*.csv"))} if shots else {}
+    started = time.perf_counter()
+    results = []
+    for subject, path in files.items():
+        items = read_items(path, columns, answer_format, header)[:limit]
+        if any(item.answer is None for item in items):
+            raise ValueError(f"{path}: some questions have no answer; evaluate a split with answers (--split)")
+        dev = []
+        if shots:
+            if subject not in dev_files:
+                raise FileNotFoundError(f"{task_dir / 'dev'} has no file for {subject} ({shots}-shot needs one)")
+            dev = read_items(dev_files[subject], columns, answer_format, header)[:shots]
+        result = SubjectResult(subject, names.get(subject, subject.replace("_", " ")))
+        prompts = []
+        for item in items:
+            ids, dropped, truncated = build_prompt_ids(tokenizer, result.name, dev, item, style, max_length)
+            prompts.append(ids)
+            result.shots_dropped += dropped > 0
+            result.truncated += truncated
+        predictions = score_prompts(model, prompts, letter_ids, batch_size)
+        result.total = len(items)
+        result.correct = sum(p == item.answer for p, item in zip(predictions, items))
+        result.predictions = [LETTERS[p] for p in predictions]
+        results.append(result)
+    total = sum(r.total for r in results)
+    return {
+        "task_dir": str(task_dir),
+        "split": split_dir.name,
+        "shots": shots,
+        "prompt_style": prompt_style,
+        "subjects": {
+            r.subject: {"name": r.name, "accuracy": r.accuracy, "correct": r.correct, "total": r.total,
+                        "shots_dropped": r.shots_dropped, "truncated": r.truncated, "predictions": r.predictions}
+            for r in results
+        },
+        "average_accuracy": sum(r.accuracy for r in results) / len(results),  # mean over subjects
+        "overall_accuracy": sum(r.correct for r in results) / total if total else 0.0,  # over questions
+        "questions": total,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def format_table(report: dict) -> str:
+    rows = [(s, str(r["total"]), f"{100 * r['accuracy']:.2f}") for s, r in report["subjects"].items()]
+    rows.append(("average (over subjects)", str(report["questions"]), f"{100 * report['average_accuracy']:.2f}"))
+    rows.append(("overall (over questions)", str(report["questions"]), f"{100 * report['overall_accuracy']:.2f}"))
+    widths = [max(len(r[i]) for r in rows + [("subject", "questions", "accuracy %")]) for i in range(3)]
+
+    def line(r: tuple) -> str:
+        return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}"
+
+    out = [line(("subject", "questions", "accuracy %")), line(tuple("-" * w for w in widths))]
+    out += [line(r) for r in rows[:-2]] + [line(tuple("-" * w for w in widths))] + [line(r) for r in rows[-2:]]
+    return "\n".join(out)
+
+
+def run(args) -> dict:
+    """What ``scripts/evaluate.py`` does: load, evaluate, print the table, write the JSON."""
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, quantization_bits=args.quantize)
+    report = evaluate_task(
+        model, tokenizer, args.task_dir, shots=args.shots, split=args.split,
+        subjects=args.subjects.split(",") if args.subjects else None, limit=args.limit,
+        columns=parse_columns(args.columns), answer_format=args.answer_format, prompt_style=args.prompt_style,
+        batch_size=args.batch_size, header=not args.no_header,
+    )
+    report["model"] = str(args.model)
+    print(f"{report['shots']}-shot {report['split']} of {args.task_dir} with {args.model}:")
+    print(format_table(report))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.output_json}")
+    return report

@@ -1,0 +1,100 @@
+"""scripts/cli_demo.py driven through a pseudo-terminal (pexpect) on a LoRA adapter directory."""
+
+import sys
+
+import pytest
+from tools_helpers import SCRIPTS, make_lora_dir, require, script_env
+
+MESSAGE = "你好，请介绍一下北京。"
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    return make_lora_dir(tiny_model_dir, tmp_path_factory.mktemp("cli") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def expected_reply(lora_dir):
+    """The greedy reply the library gives for MESSAGE (training chat format, LoRA active)."""
+    from baichuan_finetune.inference import generate_reply, load_model, make_generation_config
+
+    model, tokenizer = load_model(lora_dir)
+    return generate_reply(model, tokenizer, [{"role": "user", "content": MESSAGE}],
+                          make_generation_config(model, max_new_tokens=16, greedy=True)).text
+
+
+def spawn_cli(model_dir, *args):
+    pexpect = require("pexpect", "the terminal test drives the demo through a pty (requirements-tools.txt)")
+    child = pexpect.spawn(sys.executable, [str(SCRIPTS / "cli_demo.py"), "--model", str(model_dir), "--greedy", *args],
+                          env=script_env(), encoding="utf-8", timeout=90, dimensions=(50, 400))
+    child.expect_exact("User: ")
+    return child
+
+
+def ask(child, text: str) -> str:
+    child.sendline(text)
+    child.expect_exact("Baichuan 2: ")
+    child.expect_exact("\r\n\r\nUser: ")
+    return child.before.replace("\r\n", "\n")
+
+
+def test_chat_stream_toggle_clear_and_exit(lora_dir, expected_reply):
+    child = spawn_cli(lora_dir, "--max_new_tokens", "16")
+    assert ask(child, MESSAGE) == expected_reply  # streamed, LoRA active, training format
+    child.sendline("clear")
+    child.expect_exact("(history cleared)")
+    child.sendline("stream")
+    child.expect_exact("(streaming off)")
+    child.expect_exact("User: ")
+    assert ask(child, MESSAGE) == expected_reply  # same prompt after clear: history is empty again
+    child.sendline("stream")
+    child.expect_exact("(streaming on)")
+    child.expect_exact("User: ")
+    child.sendline("第一行\\")
+    child.expect_exact("... ")
+    child.sendline("第二行")
+    child.expect_exact("Baichuan 2: ")
+    child.expect_exact("\r\n\r\nUser: ")
+    child.sendline("exit")
+    child.expect(require("pexpect", "").EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_generation_not_the_program(lora_dir):
+    pexpect = require("pexpect", "")
+    child = spawn_cli(lora_dir, "--max_new_tokens", "5000")  # long enough to interrupt
+    child.sendline(MESSAGE)
+    child.expect_exact("Baichuan 2: ")
+    child.expect(r"\S{3}")  # some streamed text
+    child.sendintr()
+    child.expect_exact("[stopped]", timeout=30)
+    child.expect_exact("User: ")
+    child.sendline("再说一遍")  # the program is still alive and answers (with the stopped reply in its history)
+    child.expect_exact("Baichuan 2: ")
+    child.expect(r"\S")
+    child.sendintr()
+    child.expect_exact("User: ", timeout=30)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_read_user_message_multiline():
+    from baichuan_finetune.inference import read_user_message
+
+    def feeder(lines):
+        it = iter(lines)
+        return lambda prompt: next(it)
+
+    assert read_user_message(feeder(["a\\", "b\\", "c"])) == "a\nb\nc"
+    assert read_user_message(feeder(['"""', "x", "", "y\\", '"""'])) == "x\n\ny\\"
+    assert read_user_message(feeder(["plain"])) == "plain"
+
+
+def test_base_model_directory_also_chats(tiny_model_dir):
+    child = spawn_cli(tiny_model_dir, "--max_new_tokens", "8")
+    assert ask(child, "hello")
+    child.sendline("exit")
+    child.expect(require("pexpect", "").EOF)

@@ -1,0 +1,110 @@
+"""bitsandbytes quantization on CPU (bitsandbytes >= 0.49 runs int8 and NF4 on CPU) and the QLoRA helpers."""
+
+import sys
+
+import pytest
+import torch
+from tools_helpers import make_lora_dir
+
+from baichuan_finetune import quantize as q
+
+needs_bnb = pytest.mark.skipif(not q.bitsandbytes_available(),
+                               reason="bitsandbytes is not installed (optional: pip install -r requirements-quant.txt)")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    from baichuan_finetune.inference import load_model
+
+    model, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    ids = torch.tensor([tokenizer.encode("你好，请介绍一下北京。Hello!")])
+    with torch.no_grad():
+        return ids, model(input_ids=ids).logits
+
+
+def load(model_dir, **kwargs):
+    from baichuan_finetune.inference import load_model
+
+    return load_model(model_dir, dtype="float32", **kwargs)
+
+
+def quantized_linears(model):
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds)}, sum(
+        isinstance(m, kinds) for m in model.modules())
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits, weight_dtype, min_cosine", [(8, torch.int8, 0.999), (4, torch.uint8, 0.9)])
+def test_quantize_replaces_linears_and_runs(tiny_model_dir, reference, bits, weight_dtype, min_cosine):
+    import bitsandbytes as bnb
+
+    from baichuan_finetune.inference import generate_reply, make_generation_config
+
+    model, tokenizer = load(tiny_model_dir)
+    assert model.quantize(bits) is model
+    names, count = quantized_linears(model)
+    assert names == set(q.QUANTIZED_LINEARS) and count == 5 * model.config.num_hidden_layers
+    w_pack = model.model.layers[0].self_attn.W_pack
+    assert isinstance(w_pack, bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit)
+    assert w_pack.weight.dtype == weight_dtype
+    assert isinstance(model.lm_head, type(load(tiny_model_dir)[0].lm_head))  # the NormHead stays as it is
+    ids, ref_logits = reference
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == ref_logits.shape and torch.isfinite(logits).all()
+    assert cosine(logits, ref_logits) > min_cosine
+    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "你好"}],
+                           make_generation_config(model, max_new_tokens=4, greedy=True))
+    assert reply.completion_tokens >= 1
+
+
+@needs_bnb
+def test_quantize_a_lora_directory_merges_first(tiny_model_dir, tmp_path, reference):
+    lora = make_lora_dir(tiny_model_dir, tmp_path / "adapter")
+    model, _ = load(lora, quantization_bits=8)
+    assert not hasattr(model, "peft_config")  # merged, then quantized
+    assert quantized_linears(model)[1] == 5 * model.config.num_hidden_layers
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=reference[0]).logits).all()
+
+
+@needs_bnb
+def test_from_pretrained_with_qlora_config(tiny_model_dir, reference):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    config = q.quantization_config_for_qlora(compute_dtype=torch.float32)
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=config, dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        assert cosine(model(input_ids=reference[0]).logits, reference[1]) > 0.9
+
+
+def test_check_qlora_available_explains_what_is_missing(monkeypatch):
+    monkeypatch.setattr(q, "bitsandbytes_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs bitsandbytes"):
+        q.check_qlora_available()
+    monkeypatch.setattr(q, "bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU") as info:
+        q.check_qlora_available()
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    q.check_qlora_available()
+
+
+def test_quantize_errors_without_bitsandbytes(tiny_model_dir, monkeypatch):
+    model, _ = load(tiny_model_dir)
+    with pytest.raises(ValueError, match="8 or 4"):
+        model.quantize(3)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        q.quantize(model, 8)

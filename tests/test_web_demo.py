@@ -1,0 +1,69 @@
+"""scripts/web_demo.py in a real headless Chromium (Debian's, driven by playwright): a streamed reply."""
+
+import os
+import shutil
+
+import pytest
+from tools_helpers import make_lora_dir, require, start_server, stop_server
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed: run scripts/install_browser.sh (Debian chromium + chromium-driver)")
+    require("playwright", "the browser test drives Chromium with playwright (requirements-tools.txt)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def web_url(tiny_model_dir, tmp_path_factory):
+    require("fastapi", "the web demo is served by the API server (requirements-tools.txt)")
+    lora = make_lora_dir(tiny_model_dir, tmp_path_factory.mktemp("web") / "adapter")
+    proc, base_url = start_server("web_demo.py", lora)
+    yield base_url
+    stop_server(proc)
+
+
+def test_send_message_and_see_streamed_reply(browser, web_url):
+    page = browser.new_page()
+    # Record every text the reply bubble shows: more than one distinct non-empty state means streaming.
+    page.goto(web_url + "/")
+    page.evaluate("""() => {
+        window.__states = [];
+        new MutationObserver(() => {
+            const b = document.querySelector('.message.assistant:last-child');
+            if (b && b.textContent && window.__states.at(-1) !== b.textContent) window.__states.push(b.textContent);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    }""")
+    assert "Baichuan2 chat" in page.title()
+    page.fill("#max_tokens", "24")
+    page.fill("#temperature", "0")
+    page.fill("#input", "你好，请介绍一下北京。")
+    page.click("#send")
+    page.wait_for_selector(".message.assistant[data-done='true']", timeout=60_000)
+    assert page.inner_text(".message.user") == "你好，请介绍一下北京。"
+    reply = page.text_content(".message.assistant")
+    assert reply
+    states = page.evaluate("window.__states")
+    assert len(states) > 1 and states[-1] == reply and reply.startswith(states[0])
+    chunks = int(page.inner_text("#status").split("(")[1].split()[0])
+    assert chunks > 1  # "done (N chunks)": the reply arrived as several SSE deltas
+
+    # A second turn goes out with the history; "Clear" empties the conversation.
+    page.fill("#input", "再说一遍")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll(\".message.assistant[data-done='true']\").length == 2",
+                           timeout=60_000)
+    assert page.locator(".message.user").count() == 2
+    page.click("#clear")
+    assert page.locator(".message").count() == 0
+    page.close()
