@@ -273,3 +273,20 @@ def test_chat_prompt_format_and_budget():
     # The newest round alone is longer than the budget: kept, then cut from the left.
     long = [{"role": "user", "content": "c" * 40}]
     assert build_chat_input(model, Tok(), long) == ([c] * 11 + [196])
+
+
+def test_loss_gradients_scale_with_the_upstream_gradient_and_frozen_head():
+    model = random_model(tiny_config("rope", 4))
+    ids = torch.randint(3, 211, (2, 9), generator=torch.Generator().manual_seed(5))
+    (model(ids, labels=ids).loss * 3.0).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for s, p in zip(scaled, model.parameters()):
+        assert torch.allclose(s, 3.0 * p.grad, atol=1e-6)
+    # A frozen head (LoRA) still passes gradients to the layers below it.
+    model.zero_grad()
+    model.lm_head.weight.requires_grad_(False)
+    model(ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is None
+    assert torch.allclose(model.model.norm.weight.grad, scaled[-2] / 3.0, atol=1e-6)

@@ -67,3 +67,59 @@ class DataArguments:
             raise DataError(f"val_size: {self.val_size} must be a fraction in [0, 1) or a whole count >= 1")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
             raise DataError(f"preprocessing_num_workers: {self.preprocessing_num_workers} must be >= 1")
+
+
+# ----- model, LoRA and training options (owned by train.py) -----
+
+import transformers  # noqa: E402
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="baichuan-inc/Baichuan2-7B-Base",
+        metadata={"help": "Base model directory (or hub id) in the official Baichuan2 layout."},
+    )
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=1, metadata={"help": "LoRA rank (official default 1)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (official default 32)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (official default 0.1)."})
+    lora_target_modules: str = field(
+        default="W_pack",
+        metadata={"help": "Comma-separated module names (W_pack,o_proj,gate_proj,up_proj,down_proj) or "
+                          "'all-linear' (every linear layer but lm_head)."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """`transformers.TrainingArguments` plus the official script's fields."""
+
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Hub download cache for the base model."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (official default adamw_torch)."})
+    model_max_length: int = field(
+        default=512, metadata={"help": "Maximum sequence length; longer examples are truncated."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that already holds checkpoints (they are deleted)."},
+    )
+    warmup_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "Share of the training steps for linear warmup (the official flag; transformers 5 "
+                          "takes a fraction in --warmup_steps instead)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+            if self.warmup_steps and self.warmup_ratio:
+                raise ValueError("--warmup_ratio and --warmup_steps: give only one")
+            if self.warmup_ratio:
+                self.warmup_steps = self.warmup_ratio
+        super().__post_init__()

@@ -16,7 +16,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -169,13 +168,69 @@ class BaichuanLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def _chunk_loss_sums(
-    hidden: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, labels: torch.Tensor, with_z: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(hidden, weight).float() * inv_norm
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    z = logits.max(dim=-1).values.pow(2).sum() if with_z else logits.new_zeros(())
-    return ce, z
+class NormHeadLoss(torch.autograd.Function):
+    """Cross-entropy (+ z-loss) of ``hidden @ normalize(W).T``, a chunk of tokens at a time.
+
+    The full ``[tokens, vocab]`` logits never exist: each chunk's float32 logits are made, turned
+    into their gradient at once, and folded into the gradients of ``hidden`` and ``W`` (the latter
+    accumulated in place), then freed. Nothing of the weight is kept for backward, which only
+    scales the stored gradients, so ZeRO-3 need not gather the head weight again.
+    With ``s_v = 1/|W_v|`` and ``logit_tv = s_v (h_t . W_v)``, the weight gradient is
+    ``s_v sum_t g_tv h_t - s_v^2 (sum_t g_tv logit_tv) W_v``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, z_loss_weight, chunk_size):
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        n_supervised = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+        inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        weighted_hidden = hidden.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
+        logit_coef = hidden.new_zeros(vocab, dtype=torch.float32) if need_weight else None
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        z_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n_tokens, chunk_size):
+            h = hidden[start : start + chunk_size]
+            y = labels[start : start + chunk_size]
+            logits = F.linear(h, weight).float() * inv_norm
+            ce_sum += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            if not (need_hidden or need_weight) and z_loss_weight == 0:
+                continue
+            rows = torch.arange(h.shape[0], device=h.device)
+            if z_loss_weight > 0:
+                max_logit, argmax = logits.max(dim=-1)
+                z_sum += max_logit.pow(2).sum()
+            if not (need_hidden or need_weight):
+                continue
+            # d(mean CE)/d logits = (softmax - onehot) / n_supervised on supervised rows.
+            valid = y != IGNORE_INDEX
+            grad = torch.softmax(logits, dim=-1).mul_((valid.float() / n_supervised)[:, None])
+            grad[rows[valid], y[valid]] -= 1.0 / n_supervised
+            if z_loss_weight > 0:
+                grad[rows, argmax] += z_loss_weight * 2.0 * max_logit / n_tokens
+            if need_weight:
+                weighted_hidden.addmm_(grad.T, h.float())
+                logit_coef += (grad * logits).sum(dim=0)
+            if need_hidden:
+                grad_hidden[start : start + chunk_size] = (grad * inv_norm).to(weight.dtype) @ weight
+        grad_weight = None
+        if need_weight:
+            grad_weight = weighted_hidden.mul_(inv_norm[:, None])
+            grad_weight.addcmul_(weight.float(), (-(inv_norm**2) * logit_coef)[:, None])
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.grads = (grad_hidden, grad_weight)
+        return ce_sum / n_supervised + z_loss_weight * z_sum / max(n_tokens, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_output)
+        return grad_hidden, grad_weight, None, None, None
 
 
 class NormHead(nn.Module):
@@ -211,33 +266,17 @@ class NormHead(nn.Module):
     ) -> torch.Tensor:
         """Logits for ``hidden_states`` or, with ``labels`` (already shifted), the loss.
 
-        The loss never materialises the full ``[tokens, vocab]`` logits: each chunk of tokens is
-        recomputed in backward, so only one chunk's float32 logits are alive at a time.
+        The loss never materialises the full ``[tokens, vocab]`` logits (see ``NormHeadLoss``).
         """
         if labels is None:
             return F.linear(hidden_states, self.normalized_weight())
-        # Scaling logits by 1/|w_v| equals using normalize(W), without a [vocab, hidden] copy of
-        # the weight and of its gradient.
-        weight = self.weight
-        inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).clamp_min(1e-12)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         labels = labels.reshape(-1).to(hidden.device)
-        ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        z_sum = hidden.new_zeros((), dtype=torch.float32)
-        with_z = z_loss_weight > 0
-        for start in range(0, hidden.shape[0], LOSS_CHUNK_SIZE):
-            end = start + LOSS_CHUNK_SIZE
-            args = (hidden[start:end], weight, inv_norm, labels[start:end], with_z)
-            if torch.is_grad_enabled():
-                ce, z = checkpoint(_chunk_loss_sums, *args, use_reentrant=False)
-            else:
-                ce, z = _chunk_loss_sums(*args)
-            ce_sum, z_sum = ce_sum + ce, z_sum + z
+        weight = self.weight
+        if not torch.is_grad_enabled():  # evaluation: no gradients to fold in
+            hidden, weight = hidden.detach(), weight.detach()
         # An all-masked batch gives 0, not 0/0 = NaN.
-        loss = ce_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        if with_z:
-            loss = loss + z_loss_weight * z_sum / max(hidden.shape[0], 1)
-        return loss
+        return NormHeadLoss.apply(hidden, weight, labels, z_loss_weight, LOSS_CHUNK_SIZE)
 
 
 class BaichuanPreTrainedModel(PreTrainedModel):
