@@ -3,8 +3,16 @@
 # Idempotent and fast when nothing changed: a stamp records the hash of requirements.txt and
 # pyproject.toml. Used by scripts/quickstart.sh, scripts/test.sh and .ci/run.
 # Environment: PYTHON (default python3), TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu).
+# --with-extras: also the tools/quantization extras and Debian's chromium (what the full test suite
+# needs; scripts/test.sh passes it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+extras=()
+if [[ "${1:-}" == "--with-extras" ]]; then
+    extras=(requirements-tools.txt requirements-quant.txt)
+    bash scripts/install_browser.sh || echo "setup: WARNING: chromium could not be installed; the browser test will skip" >&2
+fi
 
 PYTHON="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
@@ -15,7 +23,7 @@ fi
 . .venv/bin/activate
 
 stamp=".venv/.baichuan-finetune-setup"
-want="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.txt pyproject.toml "${extras[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('baichuan_finetune') is None)" 2>/dev/null; then
     exit 0
 fi
@@ -27,5 +35,9 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0]
 fi
 echo "setup: installing requirements.txt and this package (editable)"
 python -m pip install --quiet -r requirements.txt
+for extra in "${extras[@]}"; do
+    echo "setup: installing $extra"
+    python -m pip install --quiet -r "$extra"
+done
 python -m pip install --quiet -e . --no-deps
 echo "$want" >"$stamp"

@@ -25,7 +25,7 @@ from .configuration_baichuan import ALIBI, ROPE, BaichuanConfig
 
 IGNORE_INDEX = -100
 # Tokens per chunk of the loss: the [chunk, vocab] float32 logits are the largest tensor alive.
-LOSS_CHUNK_SIZE = 512
+LOSS_CHUNK_SIZE = 256
 
 
 class RMSNorm(nn.Module):
