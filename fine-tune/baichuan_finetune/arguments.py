@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import transformers
+
 
 @dataclass
 class DataArguments:
@@ -69,9 +71,7 @@ class DataArguments:
             raise DataError(f"preprocessing_num_workers: {self.preprocessing_num_workers} must be >= 1")
 
 
-# ----- model, LoRA and training options (owned by train.py) -----
-
-import transformers  # noqa: E402
+# ----- model, LoRA and training options -----
 
 
 @dataclass
@@ -107,6 +107,11 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output_dir that already holds checkpoints (they are deleted)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Our collator picks its own columns; keeping the 'length' column lets "
+                          "--group_by_length read lengths instead of measuring every example."},
     )
     warmup_ratio: Optional[float] = field(
         default=None,

@@ -5,6 +5,7 @@ There is no model hub here, so the quickstart, tests and benchmarks use a model 
 BPE tokenizer trained on ``data/`` with the official id layout or the real Baichuan2 tokenizer.
 """
 
+import io
 import json
 import shutil
 import tempfile
@@ -74,33 +75,35 @@ def corpus_lines(data_dir: Path) -> list[str]:
     return lines
 
 
-def train_tokenizer(data_dir: Path, model_prefix: Path, vocab_size: int = 4096) -> Path:
-    """Train a byte-fallback BPE sentencepiece model with the official Baichuan2 id layout."""
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(corpus_lines(data_dir)) + "\n", encoding="utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(model_prefix),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            hard_vocab_limit=False,
-            character_coverage=0.995,
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            user_defined_symbols=_user_defined_symbols(),
-            num_threads=1,
-            minloglevel=2,
-        )
-    return model_prefix.with_suffix(".model")
+def train_tokenizer(data_dir: Path, vocab_size: int = 4096) -> bytes:
+    """Train a byte-fallback BPE sentencepiece model with the official Baichuan2 id layout.
+
+    Returns the serialized model. Trained from an iterator into memory, so that no temporary
+    path ends up in the model file and the same data always gives the same bytes.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines(data_dir)),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=0.995,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=_user_defined_symbols(),
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
 
 
 def make_tiny_model(
@@ -123,7 +126,8 @@ def make_tiny_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer_model is None:
-            sp_file = train_tokenizer(Path(data_dir), Path(tmp) / "tokenizer")
+            sp_file = Path(tmp) / "tokenizer.model"
+            sp_file.write_bytes(train_tokenizer(Path(data_dir)))
         else:
             sp_file = Path(tokenizer_model)
         tokenizer = BaichuanTokenizer(vocab_file=str(sp_file), model_max_length=model_max_length)
