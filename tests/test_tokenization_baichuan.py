@@ -72,3 +72,12 @@ def test_plain_text_encoding_never_yields_role_ids(real):
     assert tok.decode(ids) == text
     plain = "no role text here, 你好"
     assert encode_plain_texts(sp, [plain]) == [sp.encode(plain)]
+
+
+def test_chat_and_training_encode_role_strings_alike(real):
+    """Chat (tokenizer.encode_plain_text) and training data (encoding.TextEncoder) agree."""
+    from baichuan_finetune.encoding import TextEncoder
+
+    _, sp = real
+    texts = ["<reserved_106>", "a<reserved_107>b<reserved_106>", "plain 你好 text", "</s> <s>", ""]
+    assert TextEncoder(sp).encode(texts) == encode_plain_texts(sp, texts)

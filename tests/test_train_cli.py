@@ -49,6 +49,9 @@ def one_line_error(capsys) -> str:
         (["--use_lora", "True", "--lora_r", "0"], "--lora_r"),
         (["--fp16", "True"], "--fp16"),
         (["--model_max_length", "2"], "--model_max_length"),
+        (["--q_lora", "True"], "add --use_lora True"),
+        # No CUDA here: QLoRA says so in one line (or that bitsandbytes is missing).
+        (["--use_lora", "True", "--q_lora", "True"], "QLoRA (--q_lora True) needs"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(extra, expected, data_file, tmp_path, capsys):

@@ -88,6 +88,10 @@ class LoraArguments:
     lora_r: int = field(default=1, metadata={"help": "LoRA rank (official default 1)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (official default 32)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (official default 0.1)."})
+    q_lora: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; needs a CUDA GPU)."},
+    )
     lora_target_modules: str = field(
         default="W_pack",
         metadata={"help": "Comma-separated module names (W_pack,o_proj,gate_proj,up_proj,down_proj) or "

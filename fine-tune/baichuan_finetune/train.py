@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from . import saving
 from .arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from .encoding import IGNORE_INDEX
+from .quantize import check_qlora_available, quantization_config_for_qlora
 from .records import DataError
 
 logger = logging.getLogger("baichuan_finetune")
@@ -175,6 +176,16 @@ def validate(args: Arguments) -> None:
     t, lora = args.training, args.lora
     if t.model_max_length < 8:
         raise UsageError(f"--model_max_length {t.model_max_length}: must be at least 8")
+    if lora.q_lora:
+        if not lora.use_lora:
+            raise UsageError("--q_lora True trains LoRA adapters on a 4-bit base: add --use_lora True")
+        ds_stage = (_deepspeed_config(t) or {}).get("zero_optimization", {}).get("stage")
+        if ds_stage == 3:
+            raise UsageError("--q_lora True cannot shard 4-bit weights with ZeRO-3: use ds_config_zero2.json")
+        try:
+            check_qlora_available()
+        except RuntimeError as err:
+            raise UsageError(str(err)) from None
     if args.lora.use_lora:
         if lora.lora_r < 1:
             raise UsageError(f"--lora_r {lora.lora_r}: must be at least 1")
@@ -334,12 +345,16 @@ def load_tokenizer(args: Arguments):
 def load_model(args: Arguments):
     """The base model (native classes registered by this package; never remote code), LoRA-wrapped if asked."""
     t, lora = args.training, args.lora
+    quantization = quantization_config_for_qlora(torch_dtype(t)) if lora.q_lora else None
     model = AutoModelForCausalLM.from_pretrained(
-        base_model_path(args.model), dtype=torch_dtype(t), cache_dir=t.cache_dir
+        base_model_path(args.model), dtype=torch_dtype(t), cache_dir=t.cache_dir, quantization_config=quantization
     )
     model.config.use_cache = False
     if lora.use_lora:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+        if lora.q_lora:
+            model = prepare_model_for_kbit_training(model, t.activation_checkpointing)
 
         targets = lora_targets(lora.lora_target_modules)
         if targets != "all-linear":
