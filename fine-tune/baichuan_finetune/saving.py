@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .tiny import CHAT_GENERATION_CONFIG, copy_model_code
+from .tiny import chat_generation_config, copy_model_code
 
 CHECKPOINT_PREFIX = "checkpoint"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -121,7 +121,7 @@ def save_lora_adapter(trainer, output_dir: str) -> dict[str, torch.Tensor]:
     return expected
 
 
-def chat_generation_config(base_dir: str, model_max_length: int) -> GenerationConfig:
+def output_generation_config(base_dir: str, model_max_length: int) -> GenerationConfig:
     """The base model's generation config when it is a chat one, else the official chat config."""
     try:
         config = GenerationConfig.from_pretrained(base_dir)
@@ -129,7 +129,7 @@ def chat_generation_config(base_dir: str, model_max_length: int) -> GenerationCo
             return config
     except (OSError, ValueError):
         pass
-    return GenerationConfig(**{**CHAT_GENERATION_CONFIG, "max_new_tokens": min(2048, model_max_length // 2)})
+    return chat_generation_config(max_new_tokens=min(2048, model_max_length // 2))
 
 
 def finish_output_dir(output_dir: str, tokenizer, base_dir: str, model_max_length: int, is_lora: bool) -> None:
@@ -139,7 +139,7 @@ def finish_output_dir(output_dir: str, tokenizer, base_dir: str, model_max_lengt
     """
     out = Path(output_dir)
     tokenizer.save_pretrained(out)
-    chat_generation_config(base_dir, model_max_length).save_pretrained(out)
+    output_generation_config(base_dir, model_max_length).save_pretrained(out)
     copy_model_code(out)
     config_file = out / "config.json"
     if not is_lora:
