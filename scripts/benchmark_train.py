@@ -70,7 +70,7 @@ def held_out_loss(model_dir: Path, eval_dataset) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=24, help="training conversations")
+    parser.add_argument("--train", type=int, default=64, help="training conversations")
     parser.add_argument("--eval", type=int, default=16, help="held-out conversations")
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--batch_size", type=int, default=4, help="per-device batch of the unpacked modes")
