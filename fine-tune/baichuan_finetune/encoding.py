@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .records import ASSISTANT, USER, Conversation, DataError
+from .tokenization_baichuan import CONTROL_IDS, respell_control_pieces
 
 PAD_ID = 0
 BOS_ID = 1
@@ -28,7 +29,7 @@ EOS_ID = 2
 USER_ID = 195
 ASSISTANT_ID = 196
 IGNORE_INDEX = -100
-FORBIDDEN_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID})
+FORBIDDEN_IDS = CONTROL_IDS  # {PAD_ID, BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID}
 
 DROP_NO_ASSISTANT = "no assistant turn"
 DROP_NO_LABEL = "no supervised label after truncation"
@@ -51,10 +52,9 @@ class TextEncoder:
             for i in sorted(FORBIDDEN_IDS)
             if i < size and not (self.sp.is_control(i) or self.sp.is_unknown(i))
         ]
-        byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
-        self._byte_ids = byte_ids if all(self.sp.is_byte(i) for i in byte_ids) else None
+        self._has_byte_pieces = all(self.sp.is_byte(self.sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256))
         # Without byte fallback, characters outside the vocabulary become unk (0).
-        self._can_emit_unk = self._byte_ids is None or not self._has_byte_fallback()
+        self._can_emit_unk = not self._has_byte_pieces or not self._has_byte_fallback()
 
     def _has_byte_fallback(self) -> bool:
         return self.sp.encode("\U0010fffd")[0] != self.sp.unk_id()
@@ -73,19 +73,16 @@ class TextEncoder:
         return ids
 
     def _encode_safely(self, text: str) -> list[int]:
+        if self._has_byte_pieces:
+            return respell_control_pieces(self.sp, text)
         raw = text.encode("utf-8")
-        out: list[int] = []
         for piece in self.sp.encode(text, return_type="proto").pieces:
-            if piece.id not in FORBIDDEN_IDS:
-                out.append(piece.id)
-            elif self._byte_ids is None:
+            if piece.id in FORBIDDEN_IDS:
                 raise DataError(
                     f"text {raw[piece.begin:piece.end].decode('utf-8', 'replace')!r} would encode to special id "
                     f"{piece.id} and this tokenizer has no byte pieces <0xNN> to spell it"
                 )
-            else:
-                out.extend(self._byte_ids[b] for b in raw[piece.begin : piece.end])
-        return out
+        return self.sp.encode(text)
 
 
 @dataclass

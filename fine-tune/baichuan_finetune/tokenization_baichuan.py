@@ -30,16 +30,25 @@ def encode_plain_texts(sp_model: spm.SentencePieceProcessor, texts: list[str]) -
     """
     encoded = sp_model.encode(texts)
     for n, ids in enumerate(encoded):
-        if CONTROL_IDS.isdisjoint(ids):
-            continue
-        fixed = []
-        for i in ids:
-            if i in CONTROL_IDS:
-                fixed.extend(sp_model.piece_to_id(f"<0x{b:02X}>") for b in sp_model.id_to_piece(i).encode("utf-8"))
-            else:
-                fixed.append(i)
-        encoded[n] = fixed
+        if not CONTROL_IDS.isdisjoint(ids):
+            encoded[n] = respell_control_pieces(sp_model, texts[n])
     return encoded
+
+
+def respell_control_pieces(sp_model: spm.SentencePieceProcessor, text: str) -> list[int]:
+    """``sp_model.encode(text)`` with each CONTROL_IDS piece spelled as the byte pieces of its span.
+
+    The span comes from the text itself (not the piece's name), so an unknown character that
+    became ``<unk>`` keeps its own bytes. Needs a vocabulary with byte pieces.
+    """
+    raw = text.encode("utf-8")
+    out: list[int] = []
+    for piece in sp_model.encode(text, return_type="proto").pieces:
+        if piece.id in CONTROL_IDS:
+            out.extend(sp_model.piece_to_id(f"<0x{b:02X}>") for b in raw[piece.begin : piece.end])
+        else:
+            out.append(piece.id)
+    return out
 
 
 class BaichuanTokenizer(PreTrainedTokenizer):
