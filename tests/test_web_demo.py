@@ -35,14 +35,20 @@ def web_url(tiny_model_dir, tmp_path_factory):
 
 def test_send_message_and_see_streamed_reply(browser, web_url):
     page = browser.new_page()
-    # Record every text the reply bubble shows: more than one distinct non-empty state means streaming.
+    # Record every text the reply bubble is given: more than one distinct non-empty state means
+    # streaming. Each `textContent =` adds a new text node, so the mutation records keep every state
+    # even when several deltas arrive in one network read (then the observer runs once for all).
     page.goto(web_url + "/")
     page.evaluate("""() => {
         window.__states = [];
-        new MutationObserver(() => {
-            const b = document.querySelector('.message.assistant:last-child');
-            if (b && b.textContent && window.__states.at(-1) !== b.textContent) window.__states.push(b.textContent);
-        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+        new MutationObserver(records => {
+            for (const r of records) {
+                if (!(r.target.matches && r.target.matches('.message.assistant'))) continue;
+                for (const n of r.addedNodes) {
+                    if (n.nodeType === 3 && n.data && window.__states.at(-1) !== n.data) window.__states.push(n.data);
+                }
+            }
+        }).observe(document.getElementById('log'), {subtree: true, childList: true});
     }""")
     assert "Baichuan2 chat" in page.title()
     page.fill("#max_tokens", "24")
