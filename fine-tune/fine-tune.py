@@ -1,5 +1,6 @@
 """Fine-tune Baichuan2: `python fine-tune/fine-tune.py --help`, or a launcher (deepspeed, torchrun,
-scripts/train.sh) running it once per process. All the logic lives in `baichuan_finetune.train`."""
+scripts/train.sh) running it once per process. All the logic lives in the package:
+`baichuan_finetune.arguments` (the options) and `baichuan_finetune.train` (the run)."""
 
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Peak memory of the chunked NormHead loss against the naive full-logits loss.
+"""Peak memory of the chunked NormHead loss (losses.CausalLMLoss) against the naive full-logits loss.
 
 Each mode runs in its own process; the figure is the growth of peak RSS during one forward and
 backward of the loss, above the memory held before it (hidden states and head weight).
@@ -22,6 +22,7 @@ def rss_bytes() -> int:
 
 
 def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
+    from baichuan_finetune.losses import CausalLMLoss
     from baichuan_finetune.modeling_baichuan import NormHead
 
     torch.manual_seed(0)
@@ -36,7 +37,7 @@ def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
         logits = (h @ F.normalize(head.weight, dim=-1).T).float()
         loss = F.cross_entropy(logits, labels, ignore_index=-100) + z * logits.max(-1).values.pow(2).mean()
     else:
-        loss = head(h, labels, z_loss_weight=z)
+        loss = head(h, labels, CausalLMLoss(z_loss_weight=z))
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {

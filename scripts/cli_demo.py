@@ -8,15 +8,14 @@ with '\\' to continue it or bracket a pasted block with lines of '\"\"\"'; Ctrl+
 
 import argparse
 
-from baichuan_finetune.inference import add_generation_arguments, load_model, make_generation_config, run_terminal_chat
+from baichuan_finetune.chat_cli import add_generation_arguments, run_terminal_chat
+from baichuan_finetune.generation import make_generation_config
+from baichuan_finetune.loading import add_model_arguments, load_model
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory: base, full fine-tune or LoRA adapter")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="e.g. cuda (default: where it loads)")
-    parser.add_argument("--quantize", type=int, choices=[8, 4], default=None, help="bitsandbytes 8/4-bit (GPU)")
+    add_model_arguments(parser)
     parser.add_argument("--no_stream", action="store_true", help="print each reply when it is complete")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)

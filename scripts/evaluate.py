@@ -8,11 +8,12 @@ Prints a table of per-subject and average accuracy; --output_json writes the ful
 import argparse
 
 from baichuan_finetune.evaluate import run
+from baichuan_finetune.loading import add_model_arguments
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory: base, full fine-tune or LoRA adapter")
+    add_model_arguments(parser)
     parser.add_argument("--task_dir", required=True, help="folder with dev/ and val/ or test/ CSV files")
     parser.add_argument("--shots", type=int, default=5, help="few-shot examples from dev/ (default 5)")
     parser.add_argument("--split", default=None, help="questions folder (default: val if present, else test)")
@@ -28,9 +29,6 @@ def main(argv=None) -> None:
                         help="zh: C-Eval/CMMLU prompt (题目/答案：); en: MMLU prompt (Answer:)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output_json", default=None, help="write the report (with predictions) here")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="e.g. cuda (default: where it loads)")
-    parser.add_argument("--quantize", type=int, choices=[8, 4], default=None, help="bitsandbytes 8/4-bit (GPU)")
     run(parser.parse_args(argv))
 
 

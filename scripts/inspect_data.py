@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
 
-from baichuan_finetune.arguments import DataArguments  # noqa: E402
-from baichuan_finetune.data_stats import inspect_data, load_sentencepiece  # noqa: E402
+from baichuan_finetune.arguments import DataArguments, UsageError  # noqa: E402
+from baichuan_finetune.data_preview import inspect_data, load_sentencepiece  # noqa: E402
 from baichuan_finetune.records import DataError  # noqa: E402
 
 
@@ -30,11 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_cache_dir", default=None)
     args = parser.parse_args(argv)
     try:
+        if args.model_max_length < 2:
+            raise UsageError(f"--model_max_length {args.model_max_length}: must be at least 2")
         data_args = DataArguments(data_path=args.data_path, on_bad_record=args.on_bad_record,
                                   truncation=args.truncation, data_cache_dir=args.data_cache_dir)
         sp = load_sentencepiece(args.tokenizer_path)
         print(inspect_data(data_args, sp, args.model_max_length, batch_size=args.batch_size, preview=args.preview,
                            dump=args.dump, color=sys.stdout.isatty()))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

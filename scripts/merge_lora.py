@@ -5,6 +5,7 @@
 
 import argparse
 
+from baichuan_finetune.loading import DTYPES
 from baichuan_finetune.merge import merge_lora
 
 
@@ -12,7 +13,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter_dir", help="LoRA adapter directory (with adapter_config.json)")
     parser.add_argument("output_dir", help="new directory for the merged model")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
                         help="dtype of the saved weights (auto: as the base model is stored)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
     args = parser.parse_args(argv)

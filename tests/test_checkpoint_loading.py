@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import baichuan_finetune  # noqa: F401  (registers the Auto classes)
+from baichuan_finetune.losses import CausalLMLoss
 from baichuan_finetune.modeling_baichuan import BaichuanForCausalLM
+from test_modeling_baichuan import ref_logits
 
 # Official directories ship remote code written for transformers 4.29-4.33. Ours must never run it.
 BROKEN_REMOTE_CODE = "raise RuntimeError('the official remote code must never be imported')\n"
@@ -72,7 +74,7 @@ def test_official_layouts_load_with_no_missing_or_unexpected_keys(tmp_path, shar
     path, expected = official_dir(tmp_path, shared_dir, which, layout)
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     assert type(model) is BaichuanForCausalLM
-    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["missing_keys"]
     assert not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     assert model.config.position_embedding == ("rope" if which == "7b" else "alibi")
@@ -81,6 +83,13 @@ def test_official_layouts_load_with_no_missing_or_unexpected_keys(tmp_path, shar
     for key, tensor in expected.items():
         assert torch.equal(state[key], tensor), key
     assert AutoConfig.from_pretrained(path).model_type == "baichuan"
+    # The loaded model computes the published math on the checkpoint's weights: RoPE from positions
+    # (the 7B file's random inv_freq buffers are ignored) or the 13B ALiBi slopes.
+    checkpoint = type("Checkpoint", (), {"config": model.config, "state_dict": lambda self: expected})()
+    ids = [5, 17, 42, 99, 7, 150, 33, 8]
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([ids])).logits[0].double()
+    assert (logits - ref_logits(checkpoint, ids)).abs().max() < 1e-4
 
 
 def test_saved_directory_records_resolved_position_embedding(tmp_path, shared_dir):
@@ -106,7 +115,10 @@ tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 ids = torch.tensor([tok.encode("hello world, 你好")])
 with torch.no_grad():
     logits = model(ids).logits
-print(json.dumps({"ids": ids[0].tolist(), "logits": logits[0, :, :5].tolist(),
+loss = model(ids, labels=ids).loss  # the model file's own loss: our package is not importable here
+loss.backward()
+print(json.dumps({"ids": ids[0].tolist(), "logits": logits[0, :, :5].tolist(), "loss": loss.item(),
+                  "head_grad": model.lm_head.weight.grad.abs().sum().item(),
                   "model_module": type(model).__module__, "tok_module": type(tok).__module__}))
 """
 
@@ -124,13 +136,28 @@ def test_saved_directory_loads_in_a_process_without_our_package(request, fixture
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     assert tok.encode("hello world, 你好") == result["ids"]
+    ids = torch.tensor([result["ids"]])
     with torch.no_grad():
-        logits = model(torch.tensor([result["ids"]])).logits[0, :, :5]
+        logits = model(ids).logits[0, :, :5]
     assert torch.allclose(logits, torch.tensor(result["logits"]), atol=1e-5)
+    # The fallback loss there equals the training loss here, gradients included.
+    loss = model(ids, labels=ids, head_loss=CausalLMLoss(model.config.z_loss_weight)).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(result["loss"], abs=1e-5)
+    assert model.lm_head.weight.grad.abs().sum().item() == pytest.approx(result["head_grad"], rel=1e-4)
 
 
-def test_device_map_loading(tiny_model_dir):
+def test_device_map_loading_in_bfloat16_matches_float32(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, device_map="cpu", dtype=torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert model.dtype == torch.bfloat16
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    # Every saved weight arrived, rounded to bfloat16 (none left at its initial value).
+    reference_state = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference_state[name].to(torch.bfloat16)), name
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
-        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits.float()).all()
+        logits = model(ids).logits.float()
+        expected = reference(ids).logits
+    assert (logits - expected).abs().max().item() < 0.1

@@ -3,7 +3,7 @@
 import sys
 
 import pytest
-from tools_helpers import SCRIPTS, make_lora_dir, require, script_env
+from tools_helpers import SCRIPTS, generate_reply, make_lora_dir, require, script_env
 
 MESSAGE = "你好，请介绍一下北京。"
 
@@ -13,14 +13,19 @@ def lora_dir(tiny_model_dir, tmp_path_factory):
     return make_lora_dir(tiny_model_dir, tmp_path_factory.mktemp("cli") / "adapter")
 
 
+def library_reply(model_dir, message: str, max_new_tokens: int) -> str:
+    """The greedy reply the library gives for ``message`` (training chat format, LoRA active)."""
+    from baichuan_finetune.generation import make_generation_config
+    from baichuan_finetune.loading import load_model
+
+    model, tokenizer = load_model(model_dir)
+    return generate_reply(model, tokenizer, [{"role": "user", "content": message}],
+                          make_generation_config(model, max_new_tokens=max_new_tokens, greedy=True)).text
+
+
 @pytest.fixture(scope="module")
 def expected_reply(lora_dir):
-    """The greedy reply the library gives for MESSAGE (training chat format, LoRA active)."""
-    from baichuan_finetune.inference import generate_reply, load_model, make_generation_config
-
-    model, tokenizer = load_model(lora_dir)
-    return generate_reply(model, tokenizer, [{"role": "user", "content": MESSAGE}],
-                          make_generation_config(model, max_new_tokens=16, greedy=True)).text
+    return library_reply(lora_dir, MESSAGE, 16)
 
 
 def spawn_cli(model_dir, *args):
@@ -82,7 +87,7 @@ def test_ctrl_c_stops_generation_not_the_program(lora_dir):
 
 
 def test_read_user_message_multiline():
-    from baichuan_finetune.inference import read_user_message
+    from baichuan_finetune.chat_cli import read_user_message
 
     def feeder(lines):
         it = iter(lines)
@@ -95,6 +100,6 @@ def test_read_user_message_multiline():
 
 def test_base_model_directory_also_chats(tiny_model_dir):
     child = spawn_cli(tiny_model_dir, "--max_new_tokens", "8")
-    assert ask(child, "hello")
+    assert ask(child, "hello") == library_reply(tiny_model_dir, "hello", 8)
     child.sendline("exit")
     child.expect(require("pexpect", "").EOF)

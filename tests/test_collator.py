@@ -54,10 +54,19 @@ def test_longest_pads_to_multiple_of_8_capped():
 def test_pack_examples_best_fit_decreasing():
     bins = pack_examples([5, 3, 8, 2, 6, 4], 10)
     assert bins == [[2, 3], [4, 5], [0, 1]]
-    assert all(sum([5, 3, 8, 2, 6, 4][i] for i in b) <= 10 for b in bins)
+    # Best fit, not first fit: the 1 joins the row with 1 token left, not the first row it fits (3 left).
+    assert pack_examples([7, 5, 4, 1], 10) == [[0], [1, 2, 3]]
     assert pack_examples([5, 3, 8, 2, 6, 4], 10) == bins  # deterministic
     with pytest.raises(ValueError):
         pack_examples([11], 10)
+
+
+def test_pack_examples_places_every_example_once_within_capacity():
+    lengths = np.random.default_rng(0).integers(1, 65, size=500)
+    bins = pack_examples(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(lengths[b].sum() <= 64 for b in bins)
+    assert all(list(lengths[b]) == sorted(lengths[b], reverse=True) for b in bins)
 
 
 def test_pack_arrays_segments_and_first_labels():

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from baichuan_finetune.encoding import TextEncoder, encode_conversation, encode_conversations
-from baichuan_finetune.records import ASSISTANT, USER, Conversation, read_records
+from baichuan_finetune.encoding import encode_conversations
+from baichuan_finetune.records import ASSISTANT, USER, Conversation, DataError, read_records
+from baichuan_finetune.tokenization_baichuan import PlainTextEncoder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
@@ -34,6 +35,12 @@ def sp():
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+
+
+def encode_conversation(sp, conversation: Conversation, model_max_length: int, truncation: str = "head"):
+    """(input_ids, labels) of one conversation, or None if it is dropped."""
+    examples = encode_conversations(sp, [conversation], model_max_length, truncation).examples()
+    return examples[0] if examples else None
 
 
 # ---- the rule, restated plainly -------------------------------------------------------------
@@ -132,7 +139,7 @@ def test_edge_case_texts(sp, text):
     conv = Conversation(turns=[(USER, text), (ASSISTANT, text), (USER, "q"), (ASSISTANT, text)], system=text)
     got = encode_conversation(sp, conv, model_max_length=100_000)
     assert got == official(sp, conv.turns, conv.system, 100_000)
-    ids = TextEncoder(sp).encode([text])[0]
+    ids = PlainTextEncoder(sp).encode([text])[0]
     assert not FORBIDDEN & set(ids), "data text produced a special id"
     assert sp.decode(ids) == text
     if not any(s in text for s in ROLE_STRINGS):
@@ -148,7 +155,7 @@ def test_special_strings_in_turn_never_inject_ids(sp):
 
 
 def test_whitespace_kept_exactly(sp):
-    assert TextEncoder(sp).encode([" hello  world\n\n"])[0] == sp.encode(" hello  world\n\n")
+    assert PlainTextEncoder(sp).encode([" hello  world\n\n"])[0] == sp.encode(" hello  world\n\n")
     assert sp.id_to_piece(sp.encode(" hello  world\n\n")) == ["▁hello", "▁", "▁world", "\n", "\n"]
 
 
@@ -191,3 +198,21 @@ def test_same_role_twice_is_encoded_as_is(sp):
 def test_empty_assistant_text_kept_like_official(sp):
     turns = [(USER, "a"), (ASSISTANT, ""), (USER, "b"), (ASSISTANT, "c")]
     assert encode_conversation(sp, Conversation(turns=turns), 100) == official(sp, turns, "", 100)
+
+
+def test_text_that_cannot_be_encoded_safely_names_its_record():
+    """Without byte pieces an unknown character can only become unk (0): bad data, with its source."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "hi there", "abc def"] * 20),
+                                   model_writer=model, model_type="char", vocab_size=20, byte_fallback=False,
+                                   hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    good = Conversation(turns=[(USER, "hello"), (ASSISTANT, "world")], source="x.jsonl line 1")
+    bad = Conversation(turns=[(USER, "hello"), (ASSISTANT, "w\u00f6rld")], source="x.jsonl line 2")
+    assert len(encode_conversations(sp, [good], 100).examples()) == 1
+    with pytest.raises(DataError, match=r"^x.jsonl line 2: text 'ö' would encode to special id 0"):
+        encode_conversations(sp, [good, bad], 100)

@@ -21,7 +21,7 @@ def cmmlu_dir(shared_dir):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from baichuan_finetune.inference import load_model
+    from baichuan_finetune.loading import load_model
 
     return load_model(tiny_model_dir, dtype="float32")
 

@@ -52,3 +52,14 @@ def test_model_file_path_and_bad_data_exit_1(script, tmp_path, capsys):
     assert rc == 1
     assert "bad.jsonl line 1: conversations[0].from: unknown role 'bot'" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data_path", "", "--model_max_length", "64"], "error: --data_path: required"),
+    (["--data_path", "x.json", "--model_max_length", "1"], "error: --model_max_length 1: must be at least 2"),
+])
+def test_bad_flags_exit_2_with_one_line(script, tmp_path, capsys, flags, message):
+    rc = script.main(flags + ["--tokenizer_path", str(TOKENIZER_DIR), "--data_cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(message) and err.count("\n") == 1

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from tools_helpers import SCRIPTS, make_lora_dir, script_env
+from tools_helpers import SCRIPTS, generate_reply, make_lora_dir, script_env
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,6 @@ def merged_dir(lora_dir, tmp_path_factory):
     return out
 
 
-def test_model_kind_detection(tiny_model_dir, lora_dir, tmp_path):
-    from baichuan_finetune.inference import model_kind
-
-    assert model_kind(tiny_model_dir) == "model"
-    assert model_kind(lora_dir) == "lora"
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        model_kind(tmp_path)
-
-
 def test_merged_directory_is_self_contained(merged_dir):
     names = {p.name for p in merged_dir.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
@@ -50,7 +41,7 @@ def test_merged_directory_is_self_contained(merged_dir):
 
 
 def test_merged_logits_equal_peft_model(tiny_model_dir, lora_dir, merged_dir):
-    from baichuan_finetune.inference import load_model
+    from baichuan_finetune.loading import load_model
 
     peft_model, tokenizer = load_model(lora_dir, dtype="float32")
     merged, _ = load_model(merged_dir, dtype="float32")
@@ -79,19 +70,10 @@ def test_merged_loads_with_trust_remote_code_only(merged_dir):
     assert "modeling_baichuan" in result.stdout
 
 
-def test_lora_active_in_base_model_chat_path(tiny_model_dir, lora_dir):
-    """chat() of the PeftModel's base model runs with the adapter: same logits as the PeftModel."""
-    from baichuan_finetune.inference import chat_model, load_model
-
-    peft_model, tokenizer = load_model(lora_dir, dtype="float32")
-    ids = torch.tensor([tokenizer.encode("测试一下")])
-    with torch.no_grad():
-        torch.testing.assert_close(chat_model(peft_model)(input_ids=ids).logits, peft_model(input_ids=ids).logits)
-
-
 def test_chat_of_peft_base_model_equals_merged_chat(lora_dir, merged_dir):
     """model.get_base_model().chat() answers with the adapter, in the same format as our generation."""
-    from baichuan_finetune.inference import chat_model, generate_reply, load_model, make_generation_config
+    from baichuan_finetune.generation import make_generation_config
+    from baichuan_finetune.loading import chat_model, load_model
 
     peft_model, tokenizer = load_model(lora_dir, dtype="float32")
     merged, _ = load_model(merged_dir, dtype="float32")
@@ -101,18 +83,6 @@ def test_chat_of_peft_base_model_equals_merged_chat(lora_dir, merged_dir):
     via_chat = chat_model(peft_model).chat(tokenizer, messages, generation_config=config)
     assert via_chat == merged.chat(tokenizer, messages, generation_config=config)
     assert via_chat == generate_reply(peft_model, tokenizer, messages, config).text
-
-
-def test_adapter_without_tokenizer_uses_the_base_tokenizer(tiny_model_dir, lora_dir, tmp_path):
-    import shutil
-
-    from baichuan_finetune.inference import load_tokenizer
-
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy(lora_dir / name, bare / name)
-    assert load_tokenizer(bare).encode("你好") == load_tokenizer(tiny_model_dir).encode("你好")
 
 
 def test_merge_refuses_a_model_directory(tiny_model_dir, tmp_path):
@@ -145,7 +115,8 @@ def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, shared_dir, tmp
 
     # merge: same logits as the PeftModel
     # (merge and evaluation in-process: their scripts are tested as subprocesses elsewhere)
-    from baichuan_finetune.inference import load_model
+    from baichuan_finetune.generation import make_generation_config
+    from baichuan_finetune.loading import load_model
     from baichuan_finetune.merge import merge_lora
 
     merged = merge_lora(adapter, tmp_path / "merged")
@@ -157,14 +128,22 @@ def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, shared_dir, tmp
         torch.testing.assert_close(merged_model(input_ids=ids).logits, peft_model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
 
+    # The greedy replies the library gives in-process: the cli and the server must give the same.
+    def expected(question: str):
+        messages = [{"role": "user", "content": question}]
+        return generate_reply(peft_model, tokenizer, messages,
+                              make_generation_config(peft_model, max_new_tokens=8, greedy=True))
+
     # cli
     pexpect = require("pexpect", "the terminal demo is driven through a pty (requirements-tools.txt)")
     child = pexpect.spawn(sys.executable, [str(SCRIPTS / "cli_demo.py"), "--model", str(adapter), "--greedy",
-                                           "--max_new_tokens", "8"], env=env, encoding="utf-8", timeout=90)
+                                           "--max_new_tokens", "8"], env=env, encoding="utf-8", timeout=90,
+                          dimensions=(50, 400))
     child.expect_exact("User: ")
     child.sendline("What color is Aram number 0?")
     child.expect_exact("Baichuan 2: ")
-    child.expect_exact("User: ")
+    child.expect_exact("\r\n\r\nUser: ")
+    assert child.before.replace("\r\n", "\n") == expected("What color is Aram number 0?").text
     child.sendline("exit")
     child.expect(pexpect.EOF)
 
@@ -176,7 +155,9 @@ def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, shared_dir, tmp
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
         response = client.chat.completions.create(model=adapter.name, max_tokens=8, temperature=0,
                                                   messages=[{"role": "user", "content": "What color is Aram?"}])
-        assert response.usage.completion_tokens >= 1
+        reference = expected("What color is Aram?")
+        assert response.choices[0].message.content == reference.text
+        assert response.usage.completion_tokens == reference.completion_tokens
     finally:
         stop_server(proc)
 

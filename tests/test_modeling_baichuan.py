@@ -192,6 +192,12 @@ def test_chunked_loss_and_grads_equal_naive(monkeypatch, z_weight):
         assert (g - r).abs().max() < 1e-5
 
 
+def test_the_cache_is_only_passed_as_cache():
+    model = random_model(tiny_config("rope"))
+    with pytest.raises(TypeError, match="`cache`"):
+        model(torch.tensor([[5, 6]]), past_key_values=object())
+
+
 def test_all_masked_batch_gives_zero_loss_not_nan():
     model = random_model(tiny_config("rope"))
     ids = torch.randint(3, 211, (2, 8))
@@ -249,30 +255,46 @@ def test_half_precision_forward_close_to_fp32(dtype):
     assert (half - ref).abs().max() < 0.1
 
 
-def test_chat_prompt_format_and_budget():
-    from baichuan_finetune.modeling_baichuan import build_chat_input
+class CharTokenizer:
+    """Enough of a tokenizer for chat(): one id per character, ids decoded as numbers."""
 
-    class Tok:
-        def encode_plain_text(self, text):
-            return [ord(ch) for ch in text]
+    def encode_plain_text(self, text):
+        return [ord(ch) for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"{i} " for i in ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_sends_the_chat_prompt_within_the_budget_and_decodes_the_reply(stream):
+    from transformers import GenerationConfig
 
     model = random_model(tiny_config("rope", model_max_length=30))
-    model.generation_config.max_new_tokens = 10  # input budget 20
+    gen = GenerationConfig(max_new_tokens=18, do_sample=False, eos_token_id=None, pad_token_id=0)
     messages = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "aaaa"},
         {"role": "assistant", "content": "bbbb"},
         {"role": "user", "content": "cc"},
     ]
-    ids = build_chat_input(model, Tok(), messages)
-    s, a, b, c = ord("S"), ord("a"), ord("b"), ord("c")
-    assert ids == [s, 195, a, a, a, a, 196, b, b, b, b, 195, c, c, 196]
-    # Budget 12: the oldest round (10 tokens) no longer fits after system + newest round.
-    model.generation_config.max_new_tokens = 18
-    assert build_chat_input(model, Tok(), messages) == [s, 195, c, c, 196]
-    # The newest round alone is longer than the budget: kept, then cut from the left.
-    long = [{"role": "user", "content": "c" * 40}]
-    assert build_chat_input(model, Tok(), long) == ([c] * 11 + [196])
+    # Budget 30 - 18 = 12: the oldest round (10 tokens) no longer fits after system + newest round.
+    s, c = ord("S"), ord("c")
+    prompt = [s, 195, c, c, 196]
+    expected = model.generate(torch.tensor([prompt]), generation_config=gen)[0, len(prompt) :].tolist()
+    if stream:
+        replies = list(model.chat(CharTokenizer(), messages, stream=True, generation_config=gen))
+        assert len(replies) > 1 and all(b.startswith(a) for a, b in zip(replies, replies[1:]))
+        reply = replies[-1]
+    else:
+        reply = model.chat(CharTokenizer(), messages, generation_config=gen)
+    assert reply == CharTokenizer().decode(expected)
+    # Without max_new_tokens in the given config, the model's own generation config sets the budget.
+    seen = []
+    model.generate = lambda input_ids, **kwargs: seen.append(input_ids[0].tolist()) or input_ids
+    model.generation_config.max_new_tokens = 10  # budget 20: every round fits
+    model.chat(CharTokenizer(), messages, generation_config=GenerationConfig(do_sample=False))
+    a, b = ord("a"), ord("b")
+    assert seen == [[s, 195, a, a, a, a, 196, b, b, b, b, 195, c, c, 196]]
 
 
 def test_loss_gradients_scale_with_the_upstream_gradient_and_frozen_head():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from baichuan_finetune import preprocess
-from baichuan_finetune.arguments import DataArguments
+from baichuan_finetune.arguments import DataArguments, UsageError
 from baichuan_finetune.preprocess import prepare_data
 from baichuan_finetune.records import DataError
 
@@ -42,20 +42,36 @@ def rows(ds):
     return [(r["input_ids"], r["labels"]) for r in ds]
 
 
-def test_second_run_is_a_cache_hit(sp, tmp_path):
+@pytest.fixture
+def tokenize_calls(monkeypatch):
+    """Counts calls of preprocess.tokenize_conversations (the only way prepare_data tokenizes)."""
+    calls = []
+    tokenize = preprocess.tokenize_conversations
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "tokenize_conversations", counting)
+    return calls
+
+
+def test_second_run_is_a_cache_hit(sp, tmp_path, tokenize_calls):
     args = DataArguments(data_path=str(REPO / "data" / "examples"), data_cache_dir=str(tmp_path))
-    runs = preprocess.TOKENIZE_RUNS
     first = prepare_data(args, FakeTokenizer(sp), 512)
-    assert preprocess.TOKENIZE_RUNS == runs + 1 and not first.report.from_cache
+    assert len(tokenize_calls) == 1 and not first.report.from_cache
+    arrow = Path(first.report.cache_dir) / "train.arrow"
+    written = (arrow.stat().st_ino, arrow.stat().st_mtime_ns)
     second = prepare_data(args, FakeTokenizer(sp), 512)
-    assert preprocess.TOKENIZE_RUNS == runs + 1, "the second run tokenized again"
+    assert len(tokenize_calls) == 1, "the second run tokenized again"
+    assert (arrow.stat().st_ino, arrow.stat().st_mtime_ns) == written, "the second run rewrote the cache"
     assert second.report.from_cache and second.report.cache_dir == first.report.cache_dir
     assert rows(second.train_dataset) == rows(first.train_dataset)
     assert [p.name for p in tmp_path.iterdir()] == [Path(first.report.cache_dir).name]
     # Anything the data depends on changes the key.
     prepare_data(args, FakeTokenizer(sp), 256)
     prepare_data(DataArguments(data_path=args.data_path, data_cache_dir=str(tmp_path), truncation="rounds"), sp, 512)
-    assert preprocess.TOKENIZE_RUNS == runs + 3
+    assert len(tokenize_calls) == 3
 
 
 def test_cache_key_follows_file_content_not_name(sp, tmp_path):
@@ -108,9 +124,10 @@ def test_no_example_left_is_an_error(sp, tmp_path):
 @pytest.mark.parametrize("field, value", [("padding", "short"), ("truncation", "tail"), ("on_bad_record", "warn"),
                                           ("val_size", -1.0), ("val_size", 2.5)])
 def test_bad_arguments_one_line_error(field, value):
-    with pytest.raises(DataError) as err:
+    # Flags are checked once, where they are parsed; prepare_data takes them as given.
+    with pytest.raises(UsageError) as err:
         DataArguments(data_path="x.json", **{field: value})
-    assert str(err.value).startswith(f"{field}:") and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"--{field} ") and "\n" not in str(err.value)
 
 
 def test_packed_dataset_columns(sp, tmp_path):
@@ -120,6 +137,9 @@ def test_packed_dataset_columns(sp, tmp_path):
     assert set(prepared.train_dataset.column_names) == {"input_ids", "labels", "attention_mask", "length"}
     assert max(row["attention_mask"]) > 1 and len(row["input_ids"]) == row["length"] <= 256
     assert sum(prepared.train_dataset["length"]) == prepared.report.tokens
+    # The report's packing figures are those of the rows written, not of a second packing.
+    assert prepared.report.packed_rows == len(prepared.train_dataset)
+    assert prepared.report.efficiency["packing"] == prepared.report.tokens / (len(prepared.train_dataset) * 256)
 
 
 CHILD = textwrap.dedent(
@@ -127,11 +147,12 @@ CHILD = textwrap.dedent(
     import hashlib, json, sys
     import sentencepiece as spm
     from baichuan_finetune import preprocess
-    from baichuan_finetune.arguments import DataArguments
+    from baichuan_finetune.arguments import DataArguments, UsageError
     sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
     prepared = preprocess.prepare_data(DataArguments(data_path=sys.argv[2], data_cache_dir=sys.argv[3]), sp, 1024)
     digest = hashlib.sha256(json.dumps(prepared.train_dataset.to_dict()).encode()).hexdigest()
-    print(json.dumps({"tokenized": preprocess.TOKENIZE_RUNS, "digest": digest, "rows": len(prepared.train_dataset)}))
+    print(json.dumps({"from_cache": prepared.report.from_cache, "cache_dir": prepared.report.cache_dir,
+                      "digest": digest, "rows": len(prepared.train_dataset)}))
     """
 )
 
@@ -151,5 +172,8 @@ def test_two_processes_one_tokenizes(sp, tmp_path):
         assert p.returncode == 0, err
         outs.append(json.loads(out.strip().splitlines()[-1]))
     waiting, main = outs
-    assert (main["tokenized"], waiting["tokenized"]) == (1, 0)
+    # Only the main process wrote the entry; the waiting one read what it wrote, and nothing else was left.
+    assert (main["from_cache"], waiting["from_cache"]) == (False, True)
+    assert main["cache_dir"] == waiting["cache_dir"]
+    assert [p.name for p in tmp_path.iterdir()] == [Path(main["cache_dir"]).name]
     assert main["digest"] == waiting["digest"] and main["rows"] == 500

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from tools_helpers import make_lora_dir
+from tools_helpers import generate_reply, greedy_token_ids, make_lora_dir
 
 from baichuan_finetune import quantize as q
 
@@ -14,7 +14,7 @@ needs_bnb = pytest.mark.skipif(not q.bitsandbytes_available(),
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    from baichuan_finetune.inference import load_model
+    from baichuan_finetune.loading import load_model
 
     model, tokenizer = load_model(tiny_model_dir, dtype="float32")
     ids = torch.tensor([tokenizer.encode("你好，请介绍一下北京。Hello!")])
@@ -23,7 +23,7 @@ def reference(tiny_model_dir):
 
 
 def load(model_dir, **kwargs):
-    from baichuan_finetune.inference import load_model
+    from baichuan_finetune.loading import load_model
 
     return load_model(model_dir, dtype="float32", **kwargs)
 
@@ -45,12 +45,13 @@ def cosine(a, b):
 def test_quantize_replaces_linears_and_runs(tiny_model_dir, reference, bits, weight_dtype, min_cosine):
     import bitsandbytes as bnb
 
-    from baichuan_finetune.inference import generate_reply, make_generation_config
+    from baichuan_finetune.generation import build_prompt_ids, make_generation_config
+    from baichuan_finetune.modeling_baichuan import LINEAR_LAYER_NAMES
 
     model, tokenizer = load(tiny_model_dir)
     assert model.quantize(bits) is model
     names, count = quantized_linears(model)
-    assert names == set(q.QUANTIZED_LINEARS) and count == 5 * model.config.num_hidden_layers
+    assert names == set(LINEAR_LAYER_NAMES) and count == 5 * model.config.num_hidden_layers
     w_pack = model.model.layers[0].self_attn.W_pack
     assert isinstance(w_pack, bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit)
     assert w_pack.weight.dtype == weight_dtype
@@ -60,9 +61,15 @@ def test_quantize_replaces_linears_and_runs(tiny_model_dir, reference, bits, wei
         logits = model(input_ids=ids).logits
     assert logits.shape == ref_logits.shape and torch.isfinite(logits).all()
     assert cosine(logits, ref_logits) > min_cosine
-    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "你好"}],
-                           make_generation_config(model, max_new_tokens=4, greedy=True))
-    assert reply.completion_tokens >= 1
+    # The quantized model generates: generate's greedy reply is the argmax continuation of plain
+    # forward passes through the quantized layers.
+    messages = [{"role": "user", "content": "你好"}]
+    config = make_generation_config(model, max_new_tokens=4, greedy=True)
+    config.repetition_penalty = 1.0  # the reference applies none
+    reply = generate_reply(model, tokenizer, messages, config)
+    expected = greedy_token_ids(model, build_prompt_ids(model, tokenizer, messages, 4), 4)
+    assert reply.token_ids == expected
+    assert reply.completion_tokens == len(expected) + (len(expected) < 4)  # the eos counts when it came
 
 
 @needs_bnb

@@ -5,7 +5,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from tools_helpers import make_lora_dir, require, start_server, stop_server
+from tools_helpers import generate_reply, make_lora_dir, require, start_server, stop_server
 
 MESSAGES = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好，请介绍一下北京。"}]
 
@@ -44,7 +44,8 @@ def test_models(client):
 
 def test_completion_matches_in_process_chat_format(client, lora_dir):
     """Greedy reply and usage equal what the library generates from the same LoRA directory."""
-    from baichuan_finetune.inference import build_prompt_ids, generate_reply, load_model, make_generation_config
+    from baichuan_finetune.generation import build_prompt_ids, make_generation_config
+    from baichuan_finetune.loading import load_model
 
     response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=12, temperature=0)
     model, tokenizer = load_model(lora_dir)
@@ -124,3 +125,36 @@ def test_too_long_prompt(client, server):
     status, error = post(server + "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "短"}], "max_tokens": 600}).encode())
     assert status == 400 and error["error"]["code"] == "context_length_exceeded"
+
+
+def test_prepare_builds_the_prompt_once_in_the_chat_format(lora_dir):
+    """One prepare per request: the context check and the prompt both come from build_chat_input."""
+    from baichuan_finetune.generation import build_prompt_ids
+    from baichuan_finetune.loading import load_model
+    from baichuan_finetune.serve import ChatService, RequestError, parse_chat_request
+
+    model, tokenizer = load_model(lora_dir)
+    service = ChatService(model, tokenizer, "tiny-lora")
+    prepared = service.prepare(parse_chat_request({"messages": MESSAGES, "max_tokens": 12, "temperature": 0}))
+    assert prepared.prompt_ids == build_prompt_ids(model, tokenizer, MESSAGES, 12)
+    assert prepared.generation_config.max_new_tokens == 12 and prepared.generation_config.do_sample is False
+    # Without max_tokens the reply gets the room left, up to the generation config's max_new_tokens.
+    prepared = service.prepare(parse_chat_request({"messages": MESSAGES}))
+    room = model.config.model_max_length - len(prepared.prompt_ids)
+    assert prepared.generation_config.max_new_tokens == min(model.generation_config.max_new_tokens, room)
+    # max_tokens up to the room left fits (the prompt is the same); one more token does not.
+    asked = len(prepared.prompt_ids)
+    exact = service.prepare(parse_chat_request({"messages": MESSAGES, "max_tokens": service.max_length - asked}))
+    assert exact.prompt_ids == prepared.prompt_ids
+    with pytest.raises(RequestError, match=f"you requested {service.max_length + 1} tokens") as info:
+        service.prepare(parse_chat_request({"messages": MESSAGES, "max_tokens": service.max_length - asked + 1}))
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_web_page_is_package_data():
+    from baichuan_finetune.serve import web_page
+
+    page = web_page("a<b>")
+    assert page.startswith("<!doctype html>") and "<title>Baichuan2 chat: a&lt;b&gt;</title>" in page
+    assert "{{MODEL_NAME}}" not in page
+    assert 'buffer.indexOf("\\n\\n")' in page  # the SSE event separator, as the browser reads it

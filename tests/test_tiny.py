@@ -4,7 +4,8 @@ import hashlib
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baichuan_finetune.tiny import chat_generation_config, make_tiny_model
+from baichuan_finetune.configuration_baichuan import chat_generation_config
+from baichuan_finetune.tiny import make_tiny_model
 
 
 def digests(path):

@@ -1,4 +1,4 @@
-"""BaichuanTokenizer equals plain sentencepiece on the real vocabulary."""
+"""BaichuanTokenizer equals plain sentencepiece on the real vocabulary; the chat format agrees with training."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,9 @@ import pytest
 import sentencepiece as spm
 
 from baichuan_finetune.tiny import collect_strings
-from baichuan_finetune.tokenization_baichuan import BaichuanTokenizer, encode_plain_texts
+from baichuan_finetune.tokenization_baichuan import ASSISTANT_ID, BaichuanTokenizer, PlainTextEncoder, build_chat_input
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def file_texts(path: Path) -> list[str]:
@@ -71,13 +73,57 @@ def test_plain_text_encoding_never_yields_role_ids(real):
     assert not {0, 1, 2, 195, 196} & set(ids)
     assert tok.decode(ids) == text
     plain = "no role text here, 你好"
-    assert encode_plain_texts(sp, [plain]) == [sp.encode(plain)]
+    assert PlainTextEncoder(sp).encode([plain]) == [sp.encode(plain)]
 
 
 def test_chat_and_training_encode_role_strings_alike(real):
-    """Chat (tokenizer.encode_plain_text) and training data (encoding.TextEncoder) agree."""
-    from baichuan_finetune.encoding import TextEncoder
-
-    _, sp = real
+    """Chat (tokenizer.encode_plain_text, one text) and training data (PlainTextEncoder, batched) agree."""
+    tok, sp = real
     texts = ["<reserved_106>", "a<reserved_107>b<reserved_106>", "plain 你好 text", "</s> <s>", ""]
-    assert TextEncoder(sp).encode(texts) == encode_plain_texts(sp, texts)
+    assert PlainTextEncoder(sp).encode(texts) == [tok.encode_plain_text(t) for t in texts]
+
+
+def test_chat_prompt_format_and_budget():
+    class Tok:
+        def encode_plain_text(self, text):
+            return [ord(ch) for ch in text]
+
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "aaaa"},
+        {"role": "assistant", "content": "bbbb"},
+        {"role": "user", "content": "cc"},
+    ]
+    model_max_length = 30
+    ids = build_chat_input(Tok(), messages, model_max_length - 10)  # max_new_tokens 10: input budget 20
+    s, a, b, c = ord("S"), ord("a"), ord("b"), ord("c")
+    assert ids == [s, 195, a, a, a, a, 196, b, b, b, b, 195, c, c, 196]
+    # Budget 12: the oldest round (10 tokens) no longer fits after system + newest round.
+    assert build_chat_input(Tok(), messages, model_max_length - 18) == [s, 195, c, c, 196]
+    # The newest round alone is longer than the budget: kept, then cut from the left.
+    long = [{"role": "user", "content": "c" * 40}]
+    assert build_chat_input(Tok(), long, model_max_length - 18) == ([c] * 11 + [196])
+
+
+def test_chat_prompt_is_the_training_prefix(tiny_model_dir):
+    """For each assistant turn of data/, the chat prompt of the messages before it is the training
+    input up to that turn's first text token: a model is asked exactly as it was taught."""
+    from baichuan_finetune.encoding import encode_conversations
+    from baichuan_finetune.records import read_records
+
+    tok = BaichuanTokenizer.from_pretrained(tiny_model_dir)
+    conversations = read_records(f"{REPO / 'data' / 'quickstart.json'},{REPO / 'data' / 'examples'}").conversations
+    chunk = encode_conversations(tok.sp_model, conversations, 1_000_000)
+    assert chunk.num_truncated == 0 and not chunk.dropped
+    checked = 0
+    for conv, (input_ids, _) in zip(conversations, chunk.examples()):
+        messages = [{"role": "system", "content": conv.system}] if conv.system else []
+        # Text never encodes to 196, so each 196 in the training input is an assistant turn's role token.
+        assistant_starts = iter(i for i, x in enumerate(input_ids) if x == ASSISTANT_ID)
+        for role, text in conv.turns:
+            if role == "assistant":
+                prefix = input_ids[: next(assistant_starts) + 1]
+                assert tok.build_chat_input(messages) == prefix, conv.source
+                checked += 1
+            messages.append({"role": role, "content": text})
+    assert checked >= len(conversations)

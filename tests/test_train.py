@@ -152,6 +152,46 @@ def resumed(model_dir, train_data, env, work: Path, name: str, extra: list[str])
     return ref, out, proc.stdout + proc.stderr
 
 
+# ----- the Trainer in this process: the objective reaches the model through peft -----
+
+
+def test_trainer_passes_its_objective_and_counts_tokens(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from baichuan_finetune.arguments import TrainingArguments
+    from baichuan_finetune.losses import CausalLMLoss
+    from baichuan_finetune.trainer import BaichuanTrainer, training_objective
+
+    assert training_objective(None, SimpleNamespace(z_loss_weight=0.25)) == CausalLMLoss(z_loss_weight=0.25)
+    assert training_objective(0.0, SimpleNamespace(z_loss_weight=0.25)) == CausalLMLoss(z_loss_weight=0.0)
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules=["W_pack"]))
+    objective, seen = CausalLMLoss(z_loss_weight=0.5), []
+
+    def head_loss(hidden, weight, labels):
+        seen.append(labels)
+        return objective(hidden, weight, labels)
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = BaichuanTrainer(model=model, args=args, head_loss=head_loss)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 0, 0]])
+    labels = torch.tensor([[-100, -100, 41, 42, 43, 2, -100, -100]])
+    inputs = {"input_ids": ids, "attention_mask": (torch.arange(8) < 6).long()[None], "labels": labels}
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    assert len(seen) == 1 and torch.equal(seen[0], labels[0, 1:])  # the model's shifted labels
+    assert torch.allclose(loss, model(**inputs, head_loss=objective).loss)
+    assert not torch.allclose(loss, model(**inputs, head_loss=CausalLMLoss(z_loss_weight=0.0)).loss)
+    assert "head_loss" not in inputs  # the batch itself is left as it was
+    # 6 real tokens, 4 predicted labels (41, 42, 43, 2), 8 batch slots.
+    assert trainer._total.tolist() == [6, 4, 8]
+
+
 # ----- single process, ZeRO-3, full fine-tune (config file as the only argument) -----
 
 
@@ -170,7 +210,7 @@ def test_single_process_zero3_full_from_yaml(tiny_model_dir, train_data, env, wo
         deepspeed: {REPO_ROOT / 'ds_config.json'}
         report_to: none
         model_max_length: 128
-        per_device_train_batch_size: 4
+        per_device_train_batch_size: 8
         max_steps: 2
         logging_steps: 1
         save_strategy: "no"
@@ -184,6 +224,11 @@ def test_single_process_zero3_full_from_yaml(tiny_model_dir, train_data, env, wo
         for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second"):
             assert key in h, key
         assert h["tokens_per_second"] > h["supervised_tokens_per_second"] > 0
+    # 2 steps of 8 are exactly one epoch of the 16 conversations: every token counted once.
+    tokens, supervised = token_counts(tiny_model_dir, train_data, work / "count-cache")
+    throughput = json.loads((out / "throughput.json").read_text())
+    assert (throughput["tokens"], throughput["supervised_tokens"]) == (tokens, supervised)
+    assert throughput["token_slots"] >= tokens and throughput["world_size"] == 1
     assert (out / "model.safetensors").is_file() and not (out / "zero_to_fp32.py").exists()
     for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                  "configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py"):
@@ -192,6 +237,28 @@ def test_single_process_zero3_full_from_yaml(tiny_model_dir, train_data, env, wo
     assert config_json["auto_map"]["AutoModelForCausalLM"] == "modeling_baichuan.BaichuanForCausalLM"
     assert config_json["use_cache"] is True
     assert json.loads((out / "generation_config.json").read_text())["user_token_id"] == 195
+    # One model_max_length: the base's 512 (longer than the training length 128), in both files.
+    assert config_json["model_max_length"] == 512
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 512
+
+
+def token_counts(model_dir: Path, data: Path, cache: Path) -> tuple[int, int]:
+    """Real and supervised tokens of every training example, as fine-tune.py prepares and batches them."""
+    from transformers import AutoTokenizer
+
+    from baichuan_finetune.arguments import DataArguments
+    from baichuan_finetune.modeling_baichuan import IGNORE_INDEX
+    from baichuan_finetune.preprocess import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
+    prepared = prepare_data(DataArguments(data_path=str(data), data_cache_dir=str(cache)), tokenizer, 128)
+    tokens = supervised = 0
+    for example in prepared.train_dataset:
+        batch = prepared.data_collator([example])
+        tokens += int(batch["attention_mask"].sum())
+        # The first label of a row is never predicted (labels shift by one inside the model).
+        supervised += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return tokens, supervised
 
 
 def assert_same_losses(ref: Path, out: Path, first_step: int, last_step: int) -> None:
@@ -226,7 +293,8 @@ def test_kill_and_resume_lora_zero3(lora_resume):
 
     a = load_file(ref / "adapter_model.safetensors")
     b = load_file(out / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and a
+    # lora_A and lora_B of all 5 linear layers (all-linear) in 2 layers.
+    assert a.keys() == b.keys() and len(a) == 20
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
@@ -325,7 +393,7 @@ RELOAD_LORA = NO_PACKAGE + textwrap.dedent("""
                if "lora_" in k}
     ids = torch.tensor([[1] + tok.encode("What color is Bex?", add_special_tokens=False) + [196]])
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        gen = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     print(json.dumps({
         "base_module": type(model.get_base_model()).__module__,
         "keys": sorted(saved), "loaded_keys": sorted(loaded), "trained_keys": sorted(trained),
@@ -355,10 +423,11 @@ def test_lora_two_process_zero3_hostfile_launch_and_reload(lora_hostfile_run, ti
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["base_module"].startswith("transformers_modules"), result
     assert len(result["keys"]) == 4  # lora_A and lora_B of W_pack in 2 layers
-    assert all(n > 0 for n in result["numel"].values()), result
+    # r 4 on W_pack (128 -> 3 x 128): A is 4 x 128, B is 384 x 4.
+    assert result["numel"] == {k: 4 * 128 if "lora_A" in k else 3 * 128 * 4 for k in result["keys"]}, result
     assert result["keys"] == result["loaded_keys"] == result["trained_keys"]
     assert result["equal_loaded"] and result["equal_trained"] and result["lora_B_nonzero"], result
-    assert result["generated"] >= 1
+    assert result["generated"] == 3
 
 
 # ----- two "nodes" on this machine, one scripts/train.sh per node (no ssh), ZeRO-2, LoRA -----

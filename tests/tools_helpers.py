@@ -40,6 +40,37 @@ def make_lora_dir(base_dir: Path, out_dir: Path, seed: int = 0, scale: float = 0
     return out_dir
 
 
+def generate_reply(model, tokenizer, messages: list[dict], generation_config=None, **kwargs):
+    """The whole reply of ``generation.stream_reply`` (its last item)."""
+    from baichuan_finetune.generation import stream_reply
+
+    reply = None
+    for _, reply in stream_reply(model, tokenizer, messages, generation_config, **kwargs):
+        pass
+    return reply
+
+
+@torch.no_grad()
+def greedy_token_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int = 2) -> list[int]:
+    """Greedy continuation by plain full forward passes (no cache, no ``generate``): a reference.
+
+    Ends after ``max_new_tokens`` or at eos (not included); no repetition penalty.
+    """
+    from baichuan_finetune.loading import chat_model
+
+    base = chat_model(model)
+    ids = list(prompt_ids)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = base(input_ids=torch.tensor([ids], device=base.device)).logits[0, -1]
+        token = int(logits.argmax())
+        if token == eos_id:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-from .encoding import IGNORE_INDEX, PAD_ID
+from .modeling_baichuan import IGNORE_INDEX
+from .tokenization_baichuan import PAD_ID
 
 
 def padded_length(longest: int, model_max_length: int, multiple_of: int = 8) -> int:
@@ -32,13 +33,9 @@ class DataCollator:
     """
 
     model_max_length: int
-    padding: str = "longest"
+    padding: Literal["longest", "max_length"] = "longest"
     pad_to_multiple_of: int = 8
     pad_id: int = PAD_ID
-
-    def __post_init__(self) -> None:
-        if self.padding not in ("longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {self.padding!r}")
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -91,6 +88,8 @@ def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 @dataclass
 class PackedArrays:
+    """Packed rows, flat and back to back like `EncodedChunk`'s arrays."""
+
     input_ids: np.ndarray  # flat int32, rows back to back
     labels: np.ndarray  # flat int32; first label of every conversation is -100
     segment_ids: np.ndarray  # flat int32: 1, 2, 3, ... per conversation within its row

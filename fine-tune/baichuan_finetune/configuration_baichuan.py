@@ -4,10 +4,30 @@ Self-contained: this file is copied next to saved weights so that
 ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works without our package.
 """
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 ROPE = "rope"
 ALIBI = "alibi"
+
+# The official Baichuan2 chat generation config (generation_config.json of Baichuan2-7B/13B-Chat).
+CHAT_GENERATION_CONFIG = dict(
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    user_token_id=195,
+    assistant_token_id=196,
+    max_new_tokens=2048,
+    temperature=0.3,
+    top_k=5,
+    top_p=0.85,
+    repetition_penalty=1.05,
+    do_sample=True,
+)
+
+
+def chat_generation_config(**overrides) -> GenerationConfig:
+    """The official Baichuan2 chat generation config, with ``overrides``."""
+    return GenerationConfig(**{**CHAT_GENERATION_CONFIG, **overrides})
 
 
 class BaichuanConfig(PretrainedConfig):
@@ -19,7 +39,8 @@ class BaichuanConfig(PretrainedConfig):
     """
 
     model_type = "baichuan"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output fields that are not predictions (the Trainer leaves them out of evaluation outputs).
+    keys_to_ignore_at_inference = ["cache"]
 
     def __init__(
         self,

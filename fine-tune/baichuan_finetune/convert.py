@@ -32,6 +32,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file (safetensors or a PyTorch ``.bin``), on the CPU."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
     # Never unpickle arbitrary objects from a checkpoint.

@@ -1,4 +1,7 @@
-"""Statistics and readable previews of prepared data (printed by training and `scripts/inspect_data.py`)."""
+"""Statistics and readable previews of encoded data: pure functions of ids and lengths.
+
+Printed when training starts and by `scripts/inspect_data.py` (through `data_preview`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .collator import pack_examples, padded_length
-from .encoding import ASSISTANT_ID, EOS_ID, IGNORE_INDEX, USER_ID
+from .modeling_baichuan import IGNORE_INDEX
+from .tokenization_baichuan import ASSISTANT_ID, EOS_ID, USER_ID
 
 
 @dataclass
@@ -34,10 +38,12 @@ class DataReport:
     cache_dir: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (stored next to the cached data)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataReport":
+        """The report `to_dict` gave."""
         return cls(**data)
 
     def format(self) -> str:
@@ -70,6 +76,7 @@ class DataReport:
 
 
 def length_percentiles(lengths: np.ndarray) -> dict[str, int]:
+    """p50, p90, p99 (nearest actual length) and max of `lengths`; empty for no lengths."""
     if len(lengths) == 0:
         return {}
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="nearest")
@@ -77,10 +84,18 @@ def length_percentiles(lengths: np.ndarray) -> dict[str, int]:
 
 
 def padding_efficiency(
-    lengths: np.ndarray, model_max_length: int, batch_size: int = 8, seed: int = 42
+    lengths: np.ndarray,
+    model_max_length: int,
+    batch_size: int = 8,
+    seed: int = 42,
+    packed_rows: int | None = None,
 ) -> tuple[dict[str, float], int]:
     """Real tokens / padded slots for max_length, longest (random batches, as the Trainer draws them) and
-    packing (rows of `model_max_length`), plus the number of packed rows."""
+    packing (rows of `model_max_length`), plus the number of packed rows.
+
+    `packed_rows` is the row count of packing these examples when the caller has packed them already;
+    otherwise they are packed here (best-fit-decreasing, as `collator.pack_examples`) only to count rows.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())
     if total == 0:
@@ -90,7 +105,7 @@ def padding_efficiency(
     for start in range(0, len(shuffled), batch_size):
         batch = shuffled[start : start + batch_size]
         slots += len(batch) * padded_length(int(batch.max()), model_max_length)
-    rows = len(pack_examples(lengths, model_max_length))
+    rows = len(pack_examples(lengths, model_max_length)) if packed_rows is None else packed_rows
     return {
         "max_length": total / (len(lengths) * model_max_length),
         "longest": total / slots,
@@ -131,52 +146,3 @@ def format_example(sp: Any, input_ids: Sequence[int], labels: Sequence[int], col
         run.append(token)
     flush()
     return "".join(out).lstrip("\n")
-
-
-def load_sentencepiece(tokenizer_path: str):
-    """A SentencePieceProcessor from a `.model` file or a directory holding `tokenizer.model`."""
-    import os
-
-    import sentencepiece as spm
-
-    from .records import DataError
-
-    path = os.path.join(tokenizer_path, "tokenizer.model") if os.path.isdir(tokenizer_path) else tokenizer_path
-    if not os.path.isfile(path):
-        raise DataError(f"{tokenizer_path}: no tokenizer.model found")
-    return spm.SentencePieceProcessor(model_file=path)
-
-
-def inspect_data(
-    data_args: Any,
-    tokenizer: Any,
-    model_max_length: int,
-    batch_size: int = 8,
-    preview: int = 3,
-    dump: str | None = None,
-    color: bool = False,
-) -> str:
-    """Statistics and a preview of the first examples as text; with `dump`, write every kept example
-    (unpadded ``input_ids`` and ``labels``, input order) as one JSON object per line."""
-    import json
-
-    from .preprocess import prepare_data
-
-    prepared = prepare_data(data_args, tokenizer, model_max_length)
-    report = prepared.report
-    if not data_args.packing and not data_args.val_size and not data_args.eval_data_path:
-        report.efficiency, report.packed_rows = padding_efficiency(
-            np.asarray(prepared.train_dataset["length"]), model_max_length, batch_size)
-        report.batch_size = batch_size
-    sp = getattr(tokenizer, "sp_model", tokenizer)
-    parts = [report.format()]
-    for i in range(min(preview, len(prepared.train_dataset))):
-        row = prepared.train_dataset[i]
-        parts.append(f"--- example {i} ({len(row['input_ids'])} tokens; supervised in "
-                     f"{'green' if color else '[[ ]]'}) ---\n" + format_example(sp, row["input_ids"], row["labels"], color))
-    if dump:
-        with open(dump, "w", encoding="utf-8") as f:
-            for row in prepared.train_dataset:
-                f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-        parts.append(f"wrote {len(prepared.train_dataset)} examples to {dump}")
-    return "\n".join(parts)

@@ -1,88 +1,44 @@
-"""The official Baichuan2 masking rule, and text encoding that can't inject special tokens.
+"""Encode conversations for training: the chat format's layout plus the official Baichuan2 masking rule.
 
-For each turn: a user turn adds ``[195] + ids(text)`` to the input ids and ``[2] + [-100] * len`` to the
-labels; an assistant turn adds ``[196] + ids(text)`` and ``[-100] + ids(text)``. One eos (2) ends both.
-A system text is plain ``ids(system)`` before the first turn, labels all -100. Examples longer than
-`model_max_length` are cut to their first `model_max_length` tokens ("head", official) or lose whole
-trailing rounds ("rounds").
+The layout (role ids, turn order, safe text encoding) belongs to ``tokenization_baichuan``, so the
+training data and the chat prompt are built the same way. This module adds the labels:
 
-``ids(text)`` is the plain sentencepiece encoding, except that a piece whose id is one of
-``FORBIDDEN_IDS`` (pad/unk 0, bos 1, eos 2, user 195, assistant 196) is replaced by the byte pieces
-``<0xNN>`` of its text. The real tokenizer maps the literal strings ``<reserved_106>``/``<reserved_107>``
-to 195/196 (user-defined pieces), so without this a conversation could forge a role switch.
+| turn | input ids | labels |
+|---|---|---|
+| system text (if any) | ``ids(system)`` | all -100 |
+| user | ``195, ids(text)`` | ``2, -100 ...`` |
+| assistant | ``196, ids(text)`` | ``-100, ids(text)`` |
+| end | ``2`` | ``2`` |
+
+Examples longer than `model_max_length` are cut to their first `model_max_length` tokens ("head",
+official) or lose whole trailing rounds ("rounds").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from .modeling_baichuan import IGNORE_INDEX
 from .records import ASSISTANT, USER, Conversation, DataError
-from .tokenization_baichuan import CONTROL_IDS, respell_control_pieces
-
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
-USER_ID = 195
-ASSISTANT_ID = 196
-IGNORE_INDEX = -100
-FORBIDDEN_IDS = CONTROL_IDS  # {PAD_ID, BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID}
+from .tokenization_baichuan import EOS_ID, PlainTextEncoder, turn_ids
 
 DROP_NO_ASSISTANT = "no assistant turn"
 DROP_NO_LABEL = "no supervised label after truncation"
 
 
-def sp_model_of(tokenizer: Any):
-    """The SentencePieceProcessor behind a tokenizer (`BaichuanTokenizer.sp_model`) or the processor itself."""
-    return getattr(tokenizer, "sp_model", tokenizer)
+def turn_labels(role: str, text_ids: list[int]) -> list[int]:
+    """The official labels of one turn (see ``turn_ids`` for its input ids).
 
-
-class TextEncoder:
-    """Batched sentencepiece encoding of data text that never yields a FORBIDDEN_IDS id."""
-
-    def __init__(self, sp: Any):
-        self.sp = sp_model_of(sp)
-        size = self.sp.get_piece_size()
-        # Only user-defined pieces can be matched from raw text; control pieces (<s>, </s>) never are.
-        self._forbidden_strings = [
-            self.sp.id_to_piece(i)
-            for i in sorted(FORBIDDEN_IDS)
-            if i < size and not (self.sp.is_control(i) or self.sp.is_unknown(i))
-        ]
-        self._has_byte_pieces = all(self.sp.is_byte(self.sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256))
-        # Without byte fallback, characters outside the vocabulary become unk (0).
-        self._can_emit_unk = not self._has_byte_pieces or not self._has_byte_fallback()
-
-    def _has_byte_fallback(self) -> bool:
-        return self.sp.encode("\U0010fffd")[0] != self.sp.unk_id()
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        texts = list(texts)
-        ids = self.sp.encode(texts, num_threads=1)
-        # Cheap scans first: the safe path is rare and slow (one proto per text).
-        suspects: set[int] = set()
-        for s in self._forbidden_strings:
-            suspects.update(i for i, text in enumerate(texts) if s in text)
-        if self._can_emit_unk:
-            suspects.update(i for i, x in enumerate(ids) if PAD_ID in x)
-        for i in suspects:
-            ids[i] = self._encode_safely(texts[i])
-        return ids
-
-    def _encode_safely(self, text: str) -> list[int]:
-        if self._has_byte_pieces:
-            return respell_control_pieces(self.sp, text)
-        raw = text.encode("utf-8")
-        for piece in self.sp.encode(text, return_type="proto").pieces:
-            if piece.id in FORBIDDEN_IDS:
-                raise DataError(
-                    f"text {raw[piece.begin:piece.end].decode('utf-8', 'replace')!r} would encode to special id "
-                    f"{piece.id} and this tokenizer has no byte pieces <0xNN> to spell it"
-                )
-        return self.sp.encode(text)
+    A user turn's role token is labelled eos: the model learns to end the previous answer there.
+    An assistant turn learns its text, never its role token.
+    """
+    if role == USER:
+        return [EOS_ID] + [IGNORE_INDEX] * len(text_ids)
+    return [IGNORE_INDEX, *text_ids]
 
 
 @dataclass
@@ -107,6 +63,7 @@ class EncodedChunk:
 
 
 def _assemble(conv: Conversation, ids: list[list[int]], k: int) -> tuple[list[int], list[int], list[int], int]:
+    """Input ids, labels and the end of each assistant turn of `conv`, whose texts are `ids[k:]`."""
     inp: list[int] = []
     lab: list[int] = []
     if conv.system:
@@ -115,39 +72,53 @@ def _assemble(conv: Conversation, ids: list[list[int]], k: int) -> tuple[list[in
         k += 1
     round_ends: list[int] = []
     for role, _ in conv.turns:
-        t = ids[k]
+        inp += turn_ids(role, ids[k])
+        lab += turn_labels(role, ids[k])
         k += 1
-        if role == USER:
-            inp.append(USER_ID)
-            inp += t
-            lab.append(EOS_ID)
-            lab += [IGNORE_INDEX] * len(t)
-        else:
-            inp.append(ASSISTANT_ID)
-            inp += t
-            lab.append(IGNORE_INDEX)
-            lab += t
+        if role == ASSISTANT:
             round_ends.append(len(inp))
     inp.append(EOS_ID)
     lab.append(EOS_ID)
     return inp, lab, round_ends, k
 
 
+def _texts(conv: Conversation) -> list[str]:
+    head = [conv.system] if conv.system else []
+    return head + [text for _, text in conv.turns]
+
+
+def _encode_texts(encoder: PlainTextEncoder, conversations: list[Conversation]) -> list[list[int]]:
+    """Ids of every text of `conversations`, in order; a text that cannot be encoded safely is bad data."""
+    try:
+        return encoder.encode([t for c in conversations for t in _texts(c)])
+    except ValueError:
+        pass
+    # Rare (a vocabulary without byte pieces): encode again one conversation at a time to name the record.
+    ids: list[list[int]] = []
+    for conv in conversations:
+        try:
+            ids += encoder.encode(_texts(conv))
+        except ValueError as e:
+            raise DataError(f"{conv.source or 'conversation'}: {e}") from None
+    return ids
+
+
 def encode_conversations(
-    encoder: TextEncoder | Any,
+    encoder: PlainTextEncoder | Any,
     conversations: Sequence[Conversation],
     model_max_length: int,
-    truncation: str = "head",
+    truncation: Literal["head", "rounds"] = "head",
 ) -> EncodedChunk:
     """Encode conversations with the official rule; drop (and count) those with no supervised label.
 
-    `truncation` is "head" (keep the first `model_max_length` tokens, as the official recipe) or
-    "rounds" (drop whole trailing rounds and end on eos; a first round that alone is too long is head-cut).
+    `encoder` is a `PlainTextEncoder`, or a sentencepiece processor (or a tokenizer with ``sp_model``)
+    to make one from. `truncation` is "head" (keep the first `model_max_length` tokens, as the official
+    recipe) or "rounds" (drop whole trailing rounds and end on eos; a first round that alone is too
+    long is head-cut). Raises `DataError` naming the record when a text cannot be encoded without a
+    control id (only with a vocabulary that has no byte pieces).
     """
-    if truncation not in ("head", "rounds"):
-        raise ValueError(f"truncation must be 'head' or 'rounds', got {truncation!r}")
-    if not isinstance(encoder, TextEncoder):
-        encoder = TextEncoder(encoder)
+    if not isinstance(encoder, PlainTextEncoder):
+        encoder = PlainTextEncoder(getattr(encoder, "sp_model", encoder))
     dropped: dict[str, int] = {}
     dropped_sources: dict[str, list[str]] = {}
 
@@ -158,8 +129,7 @@ def encode_conversations(
     todo = [i for i, c in enumerate(conversations) if any(role == ASSISTANT for role, _ in c.turns)]
     for i in sorted(set(range(len(conversations))) - set(todo)):
         drop(DROP_NO_ASSISTANT, conversations[i])
-    texts = [t for i in todo for t in _texts(conversations[i])]
-    ids = encoder.encode(texts)
+    ids = _encode_texts(encoder, [conversations[i] for i in todo])
 
     all_inp: list[list[int]] = []
     all_lab: list[list[int]] = []
@@ -210,17 +180,3 @@ def encode_conversations(
         dropped=dropped,
         dropped_sources=dropped_sources,
     )
-
-
-def _texts(conv: Conversation) -> list[str]:
-    head = [conv.system] if conv.system else []
-    return head + [text for _, text in conv.turns]
-
-
-def encode_conversation(
-    tokenizer: Any, conversation: Conversation, model_max_length: int, truncation: str = "head"
-) -> tuple[list[int], list[int]] | None:
-    """(input_ids, labels) of one conversation, unpadded, or None if it would be dropped."""
-    chunk = encode_conversations(TextEncoder(tokenizer), [conversation], model_max_length, truncation)
-    examples = chunk.examples()
-    return examples[0] if examples else None

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .inference import chat_model, load_model
+from .loading import chat_model, load_model
+from .tokenization_baichuan import encode_text
 
 LETTERS = ("A", "B", "C", "D")
 DEFAULT_COLUMNS = {"question": "question", "A": "A", "B": "B", "C": "C", "D": "D", "answer": "answer"}
@@ -186,14 +187,13 @@ def format_question(item: Item, style: dict, with_answer: bool) -> str:
 
 def letter_token_ids(tokenizer, style: dict) -> list[int]:
     """Id of each answer letter as it follows the answer cue (``答案：A`` / ``Answer: A``)."""
-    encode = _encoder(tokenizer)
     cue = style["answer"] + ("" if style["answer"].endswith("：") else " ")
-    cue_ids = encode(cue)
+    cue_ids = encode_text(tokenizer, cue)
     ids = []
     for letter in LETTERS:
-        full = encode(cue + letter)
+        full = encode_text(tokenizer, cue + letter)
         if full[: len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
-            full = encode(letter)  # the letter merges with the cue: fall back to the bare letter
+            full = encode_text(tokenizer, letter)  # the letter merges with the cue: fall back to the bare letter
             if len(full) != 1:
                 raise ValueError(f"answer letter {letter!r} is not one token in this vocabulary")
             ids.append(full[0])
@@ -204,19 +204,16 @@ def letter_token_ids(tokenizer, style: dict) -> list[int]:
     return ids
 
 
-def _encoder(tokenizer):
-    encode = getattr(tokenizer, "encode_plain_text", None)
-    return encode if encode is not None else (lambda text: tokenizer.encode(text, add_special_tokens=False))
-
-
 def build_prompt_ids(tokenizer, subject_name: str, shots: list[Item], item: Item, style: dict, max_length: int):
-    """Prompt ids (k shots, dropping the last shots while too long) and how many shots were dropped."""
-    encode = _encoder(tokenizer)
+    """Prompt ids (k shots, dropping the last shots while too long) and how many shots were dropped.
+
+    Plain text in the chat format's safe encoding (``encode_text``): no bos, no role ids.
+    """
     header = style["header"].format(subject=subject_name)
     question = format_question(item, style, with_answer=False)
     shot_texts = [format_question(shot, style, with_answer=True) for shot in shots]
     for k in range(len(shots), -1, -1):
-        ids = encode(header + "".join(shot_texts[:k]) + question)
+        ids = encode_text(tokenizer, header + "".join(shot_texts[:k]) + question)
         if len(ids) <= max_length:
             return ids, len(shots) - k, False
     return ids[-max_length:], len(shots), True

@@ -2,20 +2,16 @@
 
 The output loads like any Baichuan2 checkpoint: safetensors shards, ``config.json`` with
 ``auto_map`` (so ``trust_remote_code=True`` works without this package), the tokenizer, the chat
-generation config and our self-contained model code.
+generation config and our self-contained model code; it is finished exactly as a full fine-tune's
+output directory is (``saving.finish_output_dir``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import baichuan_finetune  # noqa: F401  (registers our Auto classes)
-
-from .inference import adapter_base_dir, load_model, model_kind
-from .tiny import copy_model_code
-
-REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
+from .loading import adapter_base_dir, load_model, model_kind
+from .saving import finish_output_dir
 
 
 def merge_lora(
@@ -41,23 +37,5 @@ def merge_lora(
     merged.config.name_or_path = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(output_dir)
-    copy_model_code(output_dir)
-    _check_auto_map(output_dir)
+    finish_output_dir(output_dir, tokenizer, generation_config, merged.config.model_max_length, is_adapter=False)
     return output_dir
-
-
-def _check_auto_map(output_dir: Path) -> None:
-    config = json.loads((output_dir / "config.json").read_text(encoding="utf-8"))
-    auto_map = config.setdefault("auto_map", {})
-    changed = False
-    defaults = {
-        "AutoConfig": "configuration_baichuan.BaichuanConfig",
-        "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
-    }
-    for key in REQUIRED_AUTO_MAP:
-        if key not in auto_map:
-            auto_map[key] = defaults[key]
-            changed = True
-    if changed:
-        (output_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

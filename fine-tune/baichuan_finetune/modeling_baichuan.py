@@ -7,25 +7,46 @@ Parameter names are the official ones, so official checkpoints load unchanged.
 ``attention_mask`` is a 2-D integer tensor: 0 marks padding and tokens with the same non-zero value
 belong to the same sequence. A packed row numbers its conversations 1, 2, 3, ...; they never attend
 to each other and RoPE positions restart at each of them.
+
+Attention runs through transformers' attention interface: ``config._attn_implementation`` picks
+the kernel ("sdpa", the default, and "eager" are defined here; any other name is looked up in
+``ALL_ATTENTION_FUNCTIONS``). Besides the dense mask, every kernel receives the keyword arguments
+``segment_ids`` (the 2-D mask ids, or None for plain causal rows), ``position_ids`` (restarting at
+each packed sequence) and ``alibi_slopes`` (float32 ``[heads]`` for ALiBi models, else None), so a
+kernel that works on sequence boundaries needs no change here.
+
+With ``labels`` the model returns only the loss, computed by a ``head_loss`` callable inside the
+head (``baichuan_finetune.losses.CausalLMLoss`` in training); without one, a self-contained chunked
+fallback gives the same mean cross-entropy (+ z-loss).
 """
 
+import functools
 import math
 from threading import Thread
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_baichuan import ALIBI, ROPE, BaichuanConfig
+from .tokenization_baichuan import build_chat_input
 
+# Label of a token that is not trained on (the PyTorch cross-entropy convention).
 IGNORE_INDEX = -100
-# Tokens per chunk of the loss: the [chunk, vocab] float32 logits are the largest tensor alive.
+# The linear layers of each decoder layer: LoRA targets and what quantize() replaces.
+LINEAR_LAYER_NAMES = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Tokens per chunk of the fallback loss: the [chunk, vocab] float32 logits are the largest tensor alive.
 LOSS_CHUNK_SIZE = 256
+
+# A head loss maps (hidden [N, H], unnormalised head weight [V, H], labels [N]) to the output's loss.
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -117,22 +138,86 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``F.scaled_dot_product_attention``; ``[B, H, q, D]`` inputs, ``[B, q, H, D]`` output.
+
+    ``attention_mask`` is a bool mask or an additive bias broadcastable to ``[B, H, q, k]``. None
+    means plain causal when ``q > 1`` (the model only leaves it out when there is no cached past).
+    """
+    is_causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
+    )
+    return out.transpose(1, 2), None
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain matmul-softmax reference of ``sdpa_attention``; also returns the attention weights."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    if attention_mask is None and q_len > 1:
+        # Causal with the queries aligned to the last keys.
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2), weights
+
+
+def attention_function(name: str | None) -> Callable:
+    """The attention kernel called ``name``: ours for "sdpa" (also None) and "eager", else transformers'."""
+    if name in (None, "sdpa"):
+        return sdpa_attention
+    if name == "eager":
+        return eager_attention
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_attention)
+
+
 class BaichuanAttention(nn.Module):
+    # Read by transformers' kernels: a missing mask means causal.
+    is_causal = True
+
     def __init__(self, config: BaichuanConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.scaling = 1.0 / math.sqrt(self.head_dim)
         self.W_pack = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=False)
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attn_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: Cache | None,
+        **kwargs,
     ) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         # W_pack rows: [Q; K; V], head i of each block at rows i*d .. (i+1)*d - 1.
@@ -142,11 +227,9 @@ class BaichuanAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        is_causal = attn_mask is None and q_len > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0 / math.sqrt(self.head_dim)
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.hidden_size))
+        attention = attention_function(self.config._attn_implementation)
+        out, _ = attention(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.o_proj(out.reshape(bsz, q_len, self.hidden_size))
 
 
 class BaichuanLayer(GradientCheckpointingLayer):
@@ -160,77 +243,55 @@ class BaichuanLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attn_mask, rope, cache)
+        attn_input = self.input_layernorm(hidden_states)
+        hidden_states = hidden_states + self.self_attn(attn_input, attention_mask, rope, cache, **kwargs)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class NormHeadLoss(torch.autograd.Function):
-    """Cross-entropy (+ z-loss) of ``hidden @ normalize(W).T``, a chunk of tokens at a time.
+def _chunk_loss_terms(
+    hidden: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(hidden, weight).float() * inv_norm
+    ce_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce_sum, logits.max(dim=-1).values.pow(2).sum()
 
-    The full ``[tokens, vocab]`` logits never exist: each chunk's float32 logits are made, turned
-    into their gradient at once, and folded into the gradients of ``hidden`` and ``W`` (the latter
-    accumulated in place), then freed. Nothing of the weight is kept for backward, which only
-    scales the stored gradients, so ZeRO-3 need not gather the head weight again.
-    With ``s_v = 1/|W_v|`` and ``logit_tv = s_v (h_t . W_v)``, the weight gradient is
-    ``s_v sum_t g_tv h_t - s_v^2 (sum_t g_tv logit_tv) W_v``.
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    z_loss_weight: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy over supervised tokens of ``hidden @ normalize(weight).T``, plus z-loss.
+
+    ``z_loss_weight * mean(max logit ** 2)`` over all tokens is added; an all-masked batch gives 0.
+    The fallback head loss: the same value and gradients as ``losses.CausalLMLoss``, with only
+    plain autograd. Each chunk of ``chunk_size`` tokens (default ``LOSS_CHUNK_SIZE``) is
+    checkpointed, so its float32 ``[chunk, vocab]`` logits are freed at once and remade in backward.
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, z_loss_weight, chunk_size):
-        n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        n_supervised = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
-        inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).clamp_min(1e-12)
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        weighted_hidden = hidden.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
-        logit_coef = hidden.new_zeros(vocab, dtype=torch.float32) if need_weight else None
-        ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        z_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, n_tokens, chunk_size):
-            h = hidden[start : start + chunk_size]
-            y = labels[start : start + chunk_size]
-            logits = F.linear(h, weight).float() * inv_norm
-            ce_sum += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
-            if not (need_hidden or need_weight) and z_loss_weight == 0:
-                continue
-            rows = torch.arange(h.shape[0], device=h.device)
-            if z_loss_weight > 0:
-                max_logit, argmax = logits.max(dim=-1)
-                z_sum += max_logit.pow(2).sum()
-            if not (need_hidden or need_weight):
-                continue
-            # d(mean CE)/d logits = (softmax - onehot) / n_supervised on supervised rows.
-            valid = y != IGNORE_INDEX
-            grad = torch.softmax(logits, dim=-1).mul_((valid.float() / n_supervised)[:, None])
-            grad[rows[valid], y[valid]] -= 1.0 / n_supervised
-            if z_loss_weight > 0:
-                grad[rows, argmax] += z_loss_weight * 2.0 * max_logit / n_tokens
-            if need_weight:
-                weighted_hidden.addmm_(grad.T, h.float())
-                logit_coef += (grad * logits).sum(dim=0)
-            if need_hidden:
-                grad_hidden[start : start + chunk_size] = (grad * inv_norm).to(weight.dtype) @ weight
-        grad_weight = None
-        if need_weight:
-            grad_weight = weighted_hidden.mul_(inv_norm[:, None])
-            grad_weight.addcmul_(weight.float(), (-(inv_norm**2) * logit_coef)[:, None])
-            grad_weight = grad_weight.to(weight.dtype)
-        ctx.grads = (grad_hidden, grad_weight)
-        return ce_sum / n_supervised + z_loss_weight * z_sum / max(n_tokens, 1)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_output)
-        return grad_hidden, grad_weight, None, None, None
+    chunk_size = chunk_size or LOSS_CHUNK_SIZE
+    n_tokens = hidden.shape[0]
+    n_supervised = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+    ce_sum = hidden.new_zeros((), dtype=torch.float32)
+    z_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n_tokens, chunk_size):
+        args = (hidden[start : start + chunk_size], weight, inv_norm, labels[start : start + chunk_size])
+        if torch.is_grad_enabled():
+            ce, z = checkpoint(_chunk_loss_terms, *args, use_reentrant=False)
+        else:
+            ce, z = _chunk_loss_terms(*args)
+        ce_sum, z_sum = ce_sum + ce, z_sum + z
+    loss = ce_sum / n_supervised
+    if z_loss_weight:
+        loss = loss + z_loss_weight * z_sum / max(n_tokens, 1)
+    return loss
 
 
 class NormHead(nn.Module):
@@ -262,21 +323,21 @@ class NormHead(nn.Module):
         self,
         hidden_states: torch.Tensor,
         labels: torch.Tensor | None = None,
-        z_loss_weight: float = 0.0,
+        head_loss: HeadLoss | None = None,
     ) -> torch.Tensor:
-        """Logits for ``hidden_states`` or, with ``labels`` (already shifted), the loss.
+        """Logits for ``hidden_states`` or, with ``labels`` (already shifted), ``head_loss``'s result.
 
-        The loss never materialises the full ``[tokens, vocab]`` logits (see ``NormHeadLoss``).
+        ``head_loss(hidden [N, H], weight [V, H], labels [N])`` gets the flattened tokens and the
+        stored (unnormalised) weight, here inside the head's forward, where ZeRO-3 has gathered it.
+        Without one, ``chunked_causal_lm_loss`` (no z-loss). Neither materialises the full
+        ``[tokens, vocab]`` logits.
         """
         if labels is None:
             return F.linear(hidden_states, self.normalized_weight())
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         labels = labels.reshape(-1).to(hidden.device)
-        weight = self.weight
-        if not torch.is_grad_enabled():  # evaluation: no gradients to fold in
-            hidden, weight = hidden.detach(), weight.detach()
-        # An all-masked batch gives 0, not 0/0 = NaN.
-        return NormHeadLoss.apply(hidden, weight, labels, z_loss_weight, LOSS_CHUNK_SIZE)
+        head_loss = chunked_causal_lm_loss if head_loss is None else head_loss
+        return head_loss(hidden, self.weight, labels)
 
 
 class BaichuanPreTrainedModel(PreTrainedModel):
@@ -285,6 +346,9 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BaichuanLayer"]
+    # Attention goes through the attention interface and keyword arguments reach the kernel.
+    # Flash and flex kernels are not declared: they would not apply the ALiBi bias or packed-row mask.
+    _supports_attention_backend = True
     _supports_sdpa = True
     # Official 7B checkpoints may carry RoPE buffers; we compute them on the fly.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.", r"future_mask"]
@@ -321,14 +385,15 @@ class BaichuanModel(BaichuanPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Final hidden states; ``kwargs`` go on to the attention kernel of every layer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        if kwargs.pop("past_key_values", None) is not None:
+            raise TypeError("BaichuanModel takes the key/value cache as `cache`, not `past_key_values`")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -352,25 +417,28 @@ class BaichuanModel(BaichuanPreTrainedModel):
             if bool((segments == 1).all()):
                 segments = None  # plain causal: lets SDPA use its fastest kernel
 
+        if position_ids is None:
+            if segments is None:
+                position_ids = torch.arange(past_len, kv_len, device=device)[None].expand(bsz, -1)
+            else:
+                position_ids = segment_positions(segments)[:, -q_len:]
+        position_ids = position_ids.to(device)
         rope = None
         slopes = None
         if self.config.position_embedding == ROPE:
-            if position_ids is None:
-                if segments is None:
-                    position_ids = torch.arange(past_len, kv_len, device=device)[None].expand(bsz, -1)
-                else:
-                    position_ids = segment_positions(segments)[:, -q_len:]
-            rope = rope_cos_sin(position_ids.to(device), self.config.head_dim, self.config.rope_theta)
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         else:
-            slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
+            slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), dtype=torch.float32, device=device)
 
         attn_mask = None
         if segments is not None or slopes is not None or (q_len > 1 and past_len > 0):
             attn_mask = attention_bias(segments, q_len, kv_len, inputs_embeds.dtype, device, slopes)
+        # Sequence boundaries for kernels that use them instead of (or besides) the dense mask.
+        kwargs.update(segment_ids=segments, position_ids=position_ids, alibi_slopes=slopes)
 
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attn_mask=attn_mask, rope=rope, cache=cache)
+            hidden_states = layer(hidden_states, attention_mask=attn_mask, rope=rope, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
@@ -400,21 +468,32 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        past_key_values: Cache | None = None,
+        head_loss: HeadLoss | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """With ``labels``: the loss (logits are not computed, see ``NormHead``); else logits."""
+        """With ``labels``: ``loss`` only (no logits); else ``logits`` (of the last ``logits_to_keep``).
+
+        Token ``t`` predicts ``labels[t + 1]``; ``IGNORE_INDEX`` labels are not trained on. The loss is
+        ``head_loss(hidden [N, H], lm_head.weight [V, H], labels [N])`` over the flattened shifted
+        tokens, and ``loss`` holds whatever it returns: a scalar for ``losses.CausalLMLoss`` (the
+        training objective), but a loss may return something else (e.g. per-sequence
+        log-probabilities). Without ``head_loss``: ``chunked_causal_lm_loss`` with
+        ``config.z_loss_weight``. ``kwargs`` go on to the attention kernels.
+        """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         if labels is not None:
-            loss = self.lm_head(hidden[:, :-1], labels[:, 1:], self.config.z_loss_weight)
+            if head_loss is None:
+                head_loss = functools.partial(chunked_causal_lm_loss, z_loss_weight=self.config.z_loss_weight)
+            loss = self.lm_head(hidden[:, :-1], labels[:, 1:], head_loss)
             return CausalLMOutputWithPast(loss=loss, cache=outputs.cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -431,7 +510,9 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     ) -> str | Iterator[str]:
         """Answer the last user message; with ``stream=True`` yield the growing reply."""
         generation_config = generation_config or self.generation_config
-        input_ids = build_chat_input(self, tokenizer, messages, generation_config.max_new_tokens)
+        # The official input budget: the context length minus the room kept for the reply.
+        max_new_tokens = generation_config.max_new_tokens or self.generation_config.max_new_tokens or 0
+        input_ids = build_chat_input(tokenizer, messages, self.config.model_max_length - max_new_tokens)
         input_ids = torch.tensor([input_ids], device=self.device)
         if not stream:
             output = self.generate(input_ids, generation_config=generation_config)
@@ -454,8 +535,6 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
     # ----- online quantization, as in the official release (bitsandbytes, imported lazily) -----
 
-    QUANTIZED_LINEARS = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
-
     def quantize(self, bits: int, compute_dtype: torch.dtype | None = None) -> "BaichuanForCausalLM":
         """Replace every layer's linear weights by bitsandbytes int8 (``bits=8``) or NF4 (``bits=4``).
 
@@ -471,7 +550,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         compute_dtype = compute_dtype or self.dtype
         for layer in self.model.layers:
             for parent in (layer.self_attn, layer.mlp):
-                for name in self.QUANTIZED_LINEARS:
+                for name in LINEAR_LAYER_NAMES:
                     linear = getattr(parent, name, None)
                     if not isinstance(linear, nn.Linear):
                         continue  # absent here, or already quantized
@@ -487,58 +566,3 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
                     setattr(parent, name, new.to(device))  # moving to the device quantizes
         return self
 
-
-def _encode_text(tokenizer, text: str) -> list[int]:
-    # Role-token text typed by a user stays text, exactly as the training data encodes it.
-    encode = getattr(tokenizer, "encode_plain_text", None)
-    return encode(text) if encode is not None else tokenizer.encode(text, add_special_tokens=False)
-
-
-def build_chat_input(model, tokenizer, messages: list[dict], max_new_tokens: int | None = None) -> list[int]:
-    """Prompt ids in the official chat format.
-
-    Optional system text first (no role token); each user message ``[195] + ids``, each assistant
-    message ``[196] + ids``; ``196`` appended when the last message is not the assistant's. The
-    input budget is ``model_max_length - max_new_tokens``: whole rounds are dropped oldest first,
-    the newest round is always kept, then the prompt is cut from the left.
-    """
-    gen = model.generation_config
-    user_id = getattr(gen, "user_token_id", model.config.user_token_id)
-    assistant_id = getattr(gen, "assistant_token_id", model.config.assistant_token_id)
-    max_new_tokens = max_new_tokens or gen.max_new_tokens or 0
-    max_input_tokens = model.config.model_max_length - max_new_tokens
-
-    system, rounds, current = "", [], []
-    for i, message in enumerate(messages):
-        role, content = message["role"], message["content"]
-        if role == "system":
-            if i != 0:
-                raise ValueError("a system message may only come first")
-            system = content
-            continue
-        if role not in ("user", "assistant"):
-            raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
-        if role == "user" and current:
-            rounds.append(current)
-            current = []
-        current.append(message)
-    if current:
-        rounds.append(current)
-
-    system_ids = _encode_text(tokenizer, system) if system else []
-    max_history_tokens = max_input_tokens - len(system_ids)
-    history: list[int] = []
-    for round_messages in reversed(rounds):
-        round_ids: list[int] = []
-        for message in round_messages:
-            round_ids.append(user_id if message["role"] == "user" else assistant_id)
-            round_ids.extend(_encode_text(tokenizer, message["content"]))
-        if history and len(history) + len(round_ids) > max_history_tokens:
-            break
-        history = round_ids + history
-        if len(history) >= max_history_tokens:
-            break
-    input_ids = system_ids + history
-    if not messages or messages[-1]["role"] != "assistant":
-        input_ids.append(assistant_id)
-    return input_ids[-max_input_tokens:] if max_input_tokens > 0 else input_ids

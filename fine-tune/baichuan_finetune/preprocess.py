@@ -18,29 +18,43 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
-from .arguments import DataArguments
 from .collator import DataCollator, pack_arrays
 from .data_stats import DataReport, length_percentiles, padding_efficiency
-from .encoding import IGNORE_INDEX, EncodedChunk, TextEncoder, encode_conversations, sp_model_of
-from .records import Conversation, DataError, bad_records_error, expand_data_paths, read_records
+from .encoding import EncodedChunk, encode_conversations
+from .modeling_baichuan import IGNORE_INDEX
+from .records import Conversation, DataError, ReadResult, bad_records_error, expand_data_paths, read_records
+from .tokenization_baichuan import PlainTextEncoder
 
 CACHE_FORMAT = 1  # bump when the encoding rule or the stored layout changes
 DONE_FILE = "done.json"
 CHUNK_SIZE = 2000  # conversations per tokenizing task
 MIN_PER_WORKER = 5000  # below this a pool costs more than it saves
 
-# Counts tokenizing runs in this process; tests use it to prove a cache hit tokenized nothing.
-TOKENIZE_RUNS = 0
+
+class DataOptions(Protocol):
+    """The data options prepare_data reads: `arguments.DataArguments`, already checked there."""
+
+    data_path: str
+    eval_data_path: str | None
+    val_size: float
+    on_bad_record: Literal["error", "skip"]
+    padding: Literal["longest", "max_length"]
+    packing: bool
+    truncation: Literal["head", "rounds"]
+    preprocessing_num_workers: int | None
+    data_cache_dir: str | None
 
 
 @dataclass
 class PreparedData:
+    """What training needs of the data: datasets, the collator that batches them, and the report."""
+
     train_dataset: Dataset
     eval_dataset: Dataset | None
     data_collator: DataCollator
@@ -48,6 +62,7 @@ class PreparedData:
 
 
 def default_cache_dir() -> str:
+    """$BAICHUAN_FINETUNE_CACHE, or ~/.cache/baichuan_finetune/data."""
     return os.environ.get("BAICHUAN_FINETUNE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "baichuan_finetune", "data"
     )
@@ -61,7 +76,7 @@ def _file_digest(path: str) -> str:
         raise DataError(f"{path}: cannot read file: {e.strerror or e}") from None
 
 
-def cache_key(data_args: DataArguments, sp: Any, model_max_length: int, seed: int) -> str:
+def cache_key(data_args: DataOptions, sp: Any, model_max_length: int, seed: int) -> str:
     """Hash of everything the prepared data depends on (file contents, not names or dates)."""
     h = hashlib.sha256()
     options = {
@@ -84,7 +99,7 @@ def cache_key(data_args: DataArguments, sp: Any, model_max_length: int, seed: in
 
 
 def prepare_data(
-    data_args: DataArguments,
+    data_args: DataOptions,
     tokenizer: Any,
     model_max_length: int,
     seed: int = 42,
@@ -92,16 +107,15 @@ def prepare_data(
 ) -> PreparedData:
     """Read, validate, tokenize (or load from cache), split and optionally pack the data.
 
-    Raises `DataError` (before any training) on bad data in "error" mode, on files it cannot read or
-    whose format it does not know, and when no example is left. `is_main_process_on_node` defaults to
+    `tokenizer` is a `BaichuanTokenizer` (or anything with its ``sp_model``) or a sentencepiece
+    processor. The options are taken as given: `arguments.DataArguments` checks them. Raises
+    `DataError` (before any training) on bad data in "error" mode, on files it cannot read or whose
+    format it does not know, and when no example is left. `is_main_process_on_node` defaults to
     ``LOCAL_RANK`` being unset or 0.
     """
-    data_args.validate()
-    if model_max_length < 2:
-        raise DataError(f"model_max_length: {model_max_length} is too small")
     if is_main_process_on_node is None:
         is_main_process_on_node = int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
-    sp = sp_model_of(tokenizer)
+    sp = getattr(tokenizer, "sp_model", tokenizer)
     root = Path(data_args.data_cache_dir or default_cache_dir())
     key = cache_key(data_args, sp, model_max_length, seed)
     entry = root / key
@@ -135,9 +149,7 @@ def _wait_for_entry(entry: Path, poll_s: float = 1.0) -> None:
         time.sleep(poll_s)
 
 
-def _build_entry(entry: Path, data_args: DataArguments, sp: Any, model_max_length: int, seed: int) -> None:
-    global TOKENIZE_RUNS
-    TOKENIZE_RUNS += 1
+def _build_entry(entry: Path, data_args: DataOptions, sp: Any, model_max_length: int, seed: int) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     marker = _error_marker(entry)
     marker.unlink(missing_ok=True)
@@ -163,7 +175,7 @@ def _build_entry(entry: Path, data_args: DataArguments, sp: Any, model_max_lengt
 
 
 # Set before forking the pool so workers inherit conversations and the tokenizer instead of pickling them.
-_WORK: tuple[list[Conversation], TextEncoder, int, str] | None = None
+_WORK: tuple[list[Conversation], PlainTextEncoder, int, str] | None = None
 
 
 def _encode_range(bounds: tuple[int, int]) -> EncodedChunk:
@@ -173,11 +185,15 @@ def _encode_range(bounds: tuple[int, int]) -> EncodedChunk:
 
 
 def tokenize_conversations(
-    conversations: list[Conversation], sp: Any, model_max_length: int, truncation: str, num_workers: int | None
+    conversations: list[Conversation],
+    sp: Any,
+    model_max_length: int,
+    truncation: Literal["head", "rounds"],
+    num_workers: int | None,
 ) -> EncodedChunk:
     """Encode many conversations, in a pool of forked workers when there are enough of them."""
     global _WORK
-    encoder = TextEncoder(sp)
+    encoder = PlainTextEncoder(sp)
     workers = num_workers or min(os.cpu_count() or 1, 8)
     workers = max(1, min(workers, len(conversations) // MIN_PER_WORKER))
     if workers == 1:
@@ -226,12 +242,12 @@ def split_sizes(n: int, val_size: float) -> int:
     return k
 
 
-def _tokenize_to(out: Path, data_args: DataArguments, sp: Any, model_max_length: int, seed: int) -> DataReport:
+def _tokenize_to(out: Path, data_args: DataOptions, sp: Any, model_max_length: int, seed: int) -> DataReport:
     workers = data_args.preprocessing_num_workers
     read = read_records(data_args.data_path, data_args.on_bad_record)
     chunk = tokenize_conversations(read.conversations, sp, model_max_length, data_args.truncation, workers)
-    report = _report(read, chunk, model_max_length, seed)
     if len(chunk.lengths) == 0:
+        report = _report(read, chunk, model_max_length, seed)
         raise DataError(f"{data_args.data_path}: no example left to train on ({report.format()})")
 
     if data_args.eval_data_path:
@@ -250,13 +266,21 @@ def _tokenize_to(out: Path, data_args: DataArguments, sp: Any, model_max_length:
     else:
         parts = {"train": (chunk.input_ids, chunk.labels, chunk.lengths)}
 
+    # The report's packing figures count the rows written for `chunk`'s examples (the training set,
+    # and the evaluation set when it was split off them): packing is done once, here.
+    packed_rows = 0
     for name, (ids, labels, lengths) in parts.items():
         if data_args.packing:
             packed = pack_arrays(ids, labels, lengths, model_max_length)
             table = _table(packed.input_ids, packed.labels, packed.row_lengths, packed.segment_ids)
+            if name == "train" or not data_args.eval_data_path:
+                packed_rows += len(packed.row_lengths)
         else:
             table = _table(ids, labels, lengths)
         _write_arrow(table, out / f"{name}.arrow")
+
+    report = _report(read, chunk, model_max_length, seed, packed_rows if data_args.packing else None)
+    for name, (_, _, lengths) in parts.items():
         setattr(report, f"{name}_examples", len(lengths))
     return report
 
@@ -282,14 +306,17 @@ def _write_arrow(table: pa.Table, path: Path) -> None:
         writer.write_table(table, max_chunksize=10_000)
 
 
-def _report(read, chunk: EncodedChunk, model_max_length: int, seed: int) -> DataReport:
+def _report(
+    read: ReadResult, chunk: EncodedChunk, model_max_length: int, seed: int, packed_rows: int | None = None
+) -> DataReport:
+    """Counts and batching efficiency of the kept examples; `packed_rows` when they were packed."""
     bad: dict[str, int] = {}
     for b in read.bad_records:
         bad[b.reason] = bad.get(b.reason, 0) + 1
     lengths = chunk.lengths
     starts = np.cumsum(lengths) - lengths
     supervised = int((chunk.labels != IGNORE_INDEX).sum()) - int((chunk.labels[starts] != IGNORE_INDEX).sum())
-    efficiency, rows = padding_efficiency(lengths, model_max_length, seed=seed)
+    efficiency, rows = padding_efficiency(lengths, model_max_length, seed=seed, packed_rows=packed_rows)
     return DataReport(
         files=dict(read.formats),
         records=len(read.conversations) + len(read.bad_records),

@@ -1,7 +1,8 @@
 """bitsandbytes quantization: online 8/4-bit (as in the official release) and the QLoRA load config.
 
 - ``quantize(model, 8 | 4)``: the model's own ``BaichuanForCausalLM.quantize`` (self-contained, so
-  it also works for directories loaded with ``trust_remote_code``), reached through a ``PeftModel``.
+  it also works for directories loaded with ``trust_remote_code``), reached through a ``PeftModel``;
+  it replaces the layers' ``modeling_baichuan.LINEAR_LAYER_NAMES``.
 - ``from_pretrained(dir, quantization_config=quantization_config_for_qlora())``: 4-bit NF4 at load
   time, for QLoRA training (``--use_lora True --q_lora True``).
 - ``check_qlora_available()``: one clear line when bitsandbytes or a CUDA GPU is missing.
@@ -15,10 +16,9 @@ import importlib.util
 
 import torch
 
-QUANTIZED_LINEARS = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes is installed (checked without importing it)."""
     return importlib.util.find_spec("bitsandbytes") is not None
 
 

@@ -20,10 +20,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-USER = "user"
-ASSISTANT = "assistant"
+from .tokenization_baichuan import ASSISTANT, USER
 
 # Role names accepted in ShareGPT-style messages, mapped to ours. "system" is handled apart.
 _SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
@@ -66,6 +65,8 @@ class BadRecord:
 
 @dataclass
 class ReadResult:
+    """Conversations read, records skipped, and the format found in each file."""
+
     conversations: list[Conversation] = field(default_factory=list)
     bad_records: list[BadRecord] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)  # file -> detected format
@@ -157,9 +158,6 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-_FORMAT_FIELD = {"sharegpt": "conversations", "openai": "messages", "alpaca": "instruction/output"}
-
-
 def read_file(path: str) -> ReadResult:
     """Read one file. File-level problems raise `DataError`; record problems are returned as `bad_records`."""
     result = ReadResult()
@@ -187,14 +185,12 @@ def read_file(path: str) -> ReadResult:
     return result
 
 
-def read_records(data_path: str, on_bad_record: str = "error") -> ReadResult:
+def read_records(data_path: str, on_bad_record: Literal["error", "skip"] = "error") -> ReadResult:
     """Read every file named by `data_path` (file, comma-separated files or directory).
 
     With ``on_bad_record="error"`` any bad record raises one `DataError` listing the first 20 problems and
     their count; with ``"skip"`` they are dropped and returned in `bad_records` (counted by reason).
     """
-    if on_bad_record not in ("error", "skip"):
-        raise DataError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     result = ReadResult()
     for path in expand_data_paths(data_path):
         part = read_file(path)
@@ -207,6 +203,7 @@ def read_records(data_path: str, on_bad_record: str = "error") -> ReadResult:
 
 
 def bad_records_error(bad: list[BadRecord]) -> DataError:
+    """One `DataError` listing the first MAX_LISTED_PROBLEMS problems and their count."""
     problems = [str(b) for b in bad]
     lines = problems[:MAX_LISTED_PROBLEMS]
     more = f"\n  ... and {len(problems) - len(lines)} more" if len(problems) > len(lines) else ""

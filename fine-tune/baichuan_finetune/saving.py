@@ -7,7 +7,9 @@ writing a checkpoint therefore never resumes from the half-written one.
 The final directory of a full fine-tune holds consolidated safetensors (gathered from ZeRO-3, no
 ``zero_to_fp32.py``); a LoRA run holds exactly the trained adapter weights. Both also get the
 tokenizer, the chat generation config and the model code, so ``from_pretrained(dir,
-trust_remote_code=True)`` works where this package is not installed.
+trust_remote_code=True)`` works where this package is not installed, and one ``model_max_length``
+in ``config.json`` and ``tokenizer_config.json``. `finish_output_dir` does that, for training runs
+and for merged adapters alike.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .tiny import chat_generation_config, copy_model_code
+from .configuration_baichuan import chat_generation_config
 
 CHECKPOINT_PREFIX = "checkpoint"
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+
+MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
+# What config.json needs so that AutoConfig/AutoModelForCausalLM find MODEL_CODE_FILES.
+AUTO_MAP = {
+    "AutoConfig": "configuration_baichuan.BaichuanConfig",
+    "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
+}
+DEFAULT_MODEL_MAX_LENGTH = 4096  # BaichuanConfig's default, for a config.json without the field
 
 
 # ----- checkpoints -----
@@ -121,40 +131,71 @@ def save_lora_adapter(trainer, output_dir: str) -> dict[str, torch.Tensor]:
     return expected
 
 
-def output_generation_config(base_dir: str, model_max_length: int) -> GenerationConfig:
-    """The base model's generation config when it is a chat one, else the official chat config."""
+def output_generation_config(base_dir: str | os.PathLike, model_max_length: int | None = None) -> GenerationConfig:
+    """The base model's generation config when it is a chat one, else the official chat config.
+
+    The official one gets ``max_new_tokens = min(2048, model_max_length // 2)``; `model_max_length`
+    defaults to the base config's.
+    """
     try:
         config = GenerationConfig.from_pretrained(base_dir)
         if getattr(config, "user_token_id", None) is not None:
             return config
     except (OSError, ValueError):
         pass
+    if model_max_length is None:
+        model_max_length = _read_json(Path(base_dir) / "config.json").get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)
     return chat_generation_config(max_new_tokens=min(2048, model_max_length // 2))
 
 
-def finish_output_dir(output_dir: str, tokenizer, base_dir: str, model_max_length: int, is_lora: bool) -> None:
-    """Add the tokenizer, chat generation config and model code; check ``config.json`` has ``auto_map``.
+def copy_model_code(output_dir: str | os.PathLike) -> None:
+    """Copy the self-contained config/model/tokenizer modules into `output_dir` (for ``trust_remote_code``)."""
+    here = Path(__file__).resolve().parent
+    for name in MODEL_CODE_FILES:
+        shutil.copyfile(here / name, Path(output_dir) / name)
 
-    Main process only, after the weights are written.
+
+def finish_output_dir(output_dir: str | os.PathLike, tokenizer, generation_config: GenerationConfig,
+                      model_max_length: int, is_adapter: bool) -> None:
+    """Make a directory holding saved weights load anywhere: add the tokenizer, `generation_config`
+    and the model code, and (for a full model) ``auto_map`` in ``config.json``.
+
+    `model_max_length` goes to ``tokenizer_config.json`` and, for a full model, ``config.json``, so
+    that both say the same. A training run passes the larger of the base config's and the training
+    length. Main process only, after the weights are written.
     """
     out = Path(output_dir)
     tokenizer.save_pretrained(out)
-    output_generation_config(base_dir, model_max_length).save_pretrained(out)
+    _update_json(out / "tokenizer_config.json", model_max_length=model_max_length)
+    generation_config.save_pretrained(out)
     copy_model_code(out)
-    config_file = out / "config.json"
-    if not is_lora:
-        config = json.loads(config_file.read_text())
-        auto_map = config.get("auto_map") or {}
-        auto_map.setdefault("AutoConfig", "configuration_baichuan.BaichuanConfig")
-        auto_map.setdefault("AutoModelForCausalLM", "modeling_baichuan.BaichuanForCausalLM")
-        if auto_map != config.get("auto_map"):
-            config["auto_map"] = auto_map
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not is_adapter:
+        config = _read_json(out / "config.json")
+        auto_map = {**AUTO_MAP, **(config.get("auto_map") or {})}
+        _update_json(out / "config.json", auto_map=auto_map, model_max_length=model_max_length)
     # Never left in a final directory: the weights there are already consolidated.
     (out / "zero_to_fp32.py").unlink(missing_ok=True)
 
 
-def remove_checkpoints(output_dir: str) -> list[Path]:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def _update_json(path: Path, **values) -> None:
+    """Set `values` in the JSON object in `path`; rewritten (sorted, as transformers writes configs)
+    only when something changes."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if all(key in data and data[key] == value for key, value in values.items()):
+        return
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def remove_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete every ``checkpoint-N`` directory in `output_dir`; return the deleted paths."""
     removed = list_checkpoints(output_dir)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)

@@ -7,7 +7,8 @@ are answered one at a time (one model in memory); prompts use the training chat 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with status 400.
 """
 
-
+# No ``from __future__ import annotations``: FastAPI reads the handlers' annotations (``Request`` is
+# imported inside create_app) at run time.
 import argparse
 import html
 import json
@@ -15,21 +16,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
-from .inference import (
-    StopFlag,
-    build_prompt_ids,
-    chat_model,
-    load_model,
-    make_generation_config,
-    model_kind,
-    stream_reply,
-)
+from .generation import StopFlag, make_generation_config, stream_reply
+from .loading import add_model_arguments, chat_model, load_model, model_kind
+from .tokenization_baichuan import build_chat_input
 
 ROLES = ("system", "user", "assistant")
+# The web demo: one dependency-free page on the API (fetch + the SSE stream), so the browser chat
+# needs nothing beyond the server's own packages. History lives in the page; "Clear" resets it.
+WEB_PAGE_FILE = ("web", "chat.html")
 
 
 class RequestError(ValueError):
@@ -129,11 +129,19 @@ def parse_chat_request(body) -> ChatRequest:
     )
 
 
-def _plain_prompt_length(tokenizer, messages: list[dict]) -> int:
-    """Tokens of the whole conversation in the chat format, before any history is dropped."""
-    encode = getattr(tokenizer, "encode_plain_text", None) or (lambda t: tokenizer.encode(t, add_special_tokens=False))
-    total = sum(len(encode(m["content"])) + (m["role"] != "system") for m in messages)
-    return total + (messages[-1]["role"] != "assistant")
+@dataclass
+class PreparedChat:
+    """A request checked against the context and ready to generate: built once per request."""
+
+    request: ChatRequest
+    generation_config: GenerationConfig
+    prompt_ids: list[int]
+
+
+def web_page(model_name: str) -> str:
+    """The browser chat page (package data ``web/chat.html``) titled with ``model_name``."""
+    page = resources.files(__package__).joinpath(*WEB_PAGE_FILE).read_text(encoding="utf-8")
+    return page.replace("{{MODEL_NAME}}", html.escape(model_name))
 
 
 class ChatService:
@@ -147,8 +155,12 @@ class ChatService:
         self.max_length = base.config.model_max_length
         self.default_max_tokens = base.generation_config.max_new_tokens or 256
 
-    def prepare(self, request: ChatRequest):
-        prompt_len = _plain_prompt_length(self.tokenizer, request.messages)
+    def prepare(self, request: ChatRequest) -> PreparedChat:
+        """Check that the prompt and ``max_tokens`` fit the context (else ``RequestError``); build both."""
+        # The whole conversation in the chat format, no history dropped: a prompt that does not fit
+        # is refused rather than silently shortened.
+        prompt_ids = build_chat_input(self.tokenizer, request.messages)
+        prompt_len = len(prompt_ids)
         room = self.max_length - prompt_len
         if room < 1 or (request.max_tokens is not None and request.max_tokens > room):
             asked = request.max_tokens or 1
@@ -161,17 +173,18 @@ class ChatService:
         max_tokens = request.max_tokens or min(self.default_max_tokens, room)
         config = make_generation_config(self.model, max_new_tokens=max_tokens, temperature=request.temperature,
                                         top_p=request.top_p)
-        prompt_ids = build_prompt_ids(self.model, self.tokenizer, request.messages, max_tokens)
-        return config, prompt_ids
+        # prompt_len + max_tokens fits model_max_length, so the official input budget
+        # (model_max_length - max_tokens) keeps every round: these are build_prompt_ids' ids.
+        return PreparedChat(request, config, prompt_ids)
 
-    def events(self, request: ChatRequest, stop_flag: StopFlag | None = None):
+    def events(self, prepared: PreparedChat, stop_flag: StopFlag | None = None):
         """``(new_text, reply)`` pairs, generated under the lock."""
-        config, prompt_ids = self.prepare(request)
+        request = prepared.request
         with self.lock:
             if request.seed is not None:
                 torch.manual_seed(request.seed)
-            yield from stream_reply(self.model, self.tokenizer, request.messages, config, stop=request.stop,
-                                    stop_flag=stop_flag, prompt_ids=prompt_ids)
+            yield from stream_reply(self.model, self.tokenizer, request.messages, prepared.generation_config,
+                                    stop=request.stop, stop_flag=stop_flag, prompt_ids=prepared.prompt_ids)
 
 
 def _usage(reply) -> dict:
@@ -191,6 +204,7 @@ def create_app(model, tokenizer, model_name: str = "baichuan2"):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     service = ChatService(model, tokenizer, model_name)
+    page = web_page(model_name)  # read once: a missing package file fails at start, not per request
     app = FastAPI(title="Baichuan2 OpenAI-compatible API")
     app.state.service = service
 
@@ -214,7 +228,7 @@ def create_app(model, tokenizer, model_name: str = "baichuan2"):
 
     @app.get("/", response_class=HTMLResponse)
     def web_demo():
-        return WEB_PAGE.replace("{{MODEL_NAME}}", html.escape(model_name))
+        return page
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -228,7 +242,7 @@ def create_app(model, tokenizer, model_name: str = "baichuan2"):
             if body.get("model") not in (None, model_name):
                 raise RequestError(f"the model {body.get('model')!r} does not exist; this server has {model_name!r}",
                                    param="model", code="model_not_found")
-            service.prepare(chat_request)  # length errors before any streaming starts
+            prepared = service.prepare(chat_request)  # length errors before any streaming starts
         except RequestError as exc:
             status = 404 if exc.code == "model_not_found" else 400
             return JSONResponse(error_body(str(exc), exc.param, exc.code), status_code=status)
@@ -237,7 +251,7 @@ def create_app(model, tokenizer, model_name: str = "baichuan2"):
         if not chat_request.stream:
             from starlette.concurrency import run_in_threadpool
 
-            reply = await run_in_threadpool(_last_reply, service.events(chat_request))
+            reply = await run_in_threadpool(_last_reply, service.events(prepared))
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
@@ -245,7 +259,7 @@ def create_app(model, tokenizer, model_name: str = "baichuan2"):
                 "usage": _usage(reply),
             }
         return StreamingResponse(
-            _sse(service, chat_request, completion_id, created, model_name),
+            _sse(service, prepared, completion_id, created, model_name),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -260,8 +274,9 @@ def _last_reply(events):
     return reply
 
 
-def _sse(service: ChatService, request: ChatRequest, completion_id: str, created: int, model_name: str):
+def _sse(service: ChatService, prepared: PreparedChat, completion_id: str, created: int, model_name: str):
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    request = prepared.request
 
     def chunk(delta: dict, finish_reason=None, usage=None, choices=True) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -271,7 +286,7 @@ def _sse(service: ChatService, request: ChatRequest, completion_id: str, created
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     stop_flag = StopFlag()
-    events = service.events(request, stop_flag)
+    events = service.events(prepared, stop_flag)
     try:
         yield chunk({"role": "assistant", "content": ""})
         reply = None
@@ -288,14 +303,12 @@ def _sse(service: ChatService, request: ChatRequest, completion_id: str, created
 
 
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of ``scripts/openai_api.py`` and ``scripts/web_demo.py``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", required=True, help="model directory: base, full fine-tune or LoRA adapter")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model_name", default=None, help="id reported by /v1/models (default: the directory name)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:0, cpu (default: where it loads)")
-    parser.add_argument("--quantize", type=int, choices=[8, 4], default=None, help="bitsandbytes 8/4-bit (GPU)")
     return parser
 
 
@@ -308,111 +321,3 @@ def serve(args, banner: str = "OpenAI-compatible API") -> None:
     print(f"{banner}: model {args.model} ({model_kind(args.model)}) as {name!r} at http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-
-
-# The web demo: one dependency-free page on the API above (fetch + the SSE stream), so the browser
-# chat needs nothing beyond the server's own packages. History lives in the page; "Clear" resets it.
-WEB_PAGE = """<!doctype html>
-<html lang="zh">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Baichuan2 chat: {{MODEL_NAME}}</title>
-<style>
-  body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 52rem; padding: 1rem; }
-  #log { border: 1px solid #ccc; border-radius: 6px; padding: .5rem; min-height: 20rem; overflow-y: auto; }
-  .message { white-space: pre-wrap; margin: .4rem 0; padding: .4rem .6rem; border-radius: 6px; }
-  .user { background: #e8f0fe; } .assistant { background: #f1f3f4; } .error { background: #fde8e8; }
-  #controls { display: flex; gap: .5rem; margin-top: .5rem; }
-  #input { flex: 1; min-height: 3rem; }
-  #settings { margin-top: .5rem; font-size: .9rem; color: #444; }
-  #settings input { width: 5rem; }
-</style>
-</head>
-<body>
-<h1>Baichuan2 chat <small>({{MODEL_NAME}})</small></h1>
-<div id="log" aria-live="polite"></div>
-<div id="controls">
-  <textarea id="input" placeholder="Message (Enter sends, Shift+Enter new line)"></textarea>
-  <button id="send">Send</button><button id="stop" disabled>Stop</button><button id="clear">Clear</button>
-</div>
-<div id="settings">
-  max tokens <input id="max_tokens" type="number" min="1" value="256">
-  temperature <input id="temperature" type="number" min="0" max="2" step="0.05" value="0.3">
-  top_p <input id="top_p" type="number" min="0" max="1" step="0.05" value="0.85">
-  <span id="status">ready</span>
-</div>
-<script>
-const log = document.getElementById("log"), input = document.getElementById("input");
-const sendButton = document.getElementById("send"), stopButton = document.getElementById("stop");
-const statusLine = document.getElementById("status");
-let history = [], controller = null;
-
-function addMessage(role, text) {
-  const div = document.createElement("div");
-  div.className = "message " + role;
-  div.textContent = text;
-  log.appendChild(div);
-  log.scrollTop = log.scrollHeight;
-  return div;
-}
-
-function number(id) { return Number(document.getElementById(id).value); }
-
-async function send() {
-  const text = input.value;
-  if (!text.trim() || controller) return;
-  input.value = "";
-  history.push({role: "user", content: text});
-  addMessage("user", text);
-  const bubble = addMessage("assistant", "");
-  controller = new AbortController();
-  sendButton.disabled = true; stopButton.disabled = false; statusLine.textContent = "generating";
-  let reply = "", chunks = 0;
-  try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"}, signal: controller.signal,
-      body: JSON.stringify({messages: history, stream: true, max_tokens: number("max_tokens"),
-                            temperature: number("temperature"), top_p: number("top_p")}),
-    });
-    if (!response.ok) {
-      const body = await response.json();
-      throw new Error(body.error ? body.error.message : response.statusText);
-    }
-    const reader = response.body.getReader(), decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      let end;
-      while ((end = buffer.indexOf("\\n\\n")) >= 0) {
-        const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
-        for (const line of event.split("\\n")) {
-          if (!line.startsWith("data: ")) continue;
-          const data = line.slice(6);
-          if (data === "[DONE]") continue;
-          const delta = JSON.parse(data).choices[0]?.delta?.content;
-          if (delta) { reply += delta; chunks += 1; bubble.textContent = reply; log.scrollTop = log.scrollHeight; }
-        }
-      }
-    }
-    statusLine.textContent = "done (" + chunks + " chunks)";
-  } catch (err) {
-    if (err.name === "AbortError") { statusLine.textContent = "stopped"; }
-    else { bubble.className = "message error"; bubble.textContent = String(err.message || err);
-           statusLine.textContent = "error"; }
-  }
-  history.push({role: "assistant", content: reply});
-  bubble.dataset.done = "true";
-  controller = null; sendButton.disabled = false; stopButton.disabled = true;
-}
-
-sendButton.onclick = send;
-stopButton.onclick = () => controller && controller.abort();
-document.getElementById("clear").onclick = () => { history = []; log.innerHTML = ""; statusLine.textContent = "cleared"; };
-input.addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
-</script>
-</body>
-</html>
-"""

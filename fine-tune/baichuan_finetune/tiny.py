@@ -7,35 +7,18 @@ BPE tokenizer trained on ``data/`` with the official id layout or the real Baich
 
 import io
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from transformers import GenerationConfig
 
-from .configuration_baichuan import BaichuanConfig
+from .configuration_baichuan import BaichuanConfig, chat_generation_config
 from .modeling_baichuan import BaichuanForCausalLM
 from .tokenization_baichuan import BaichuanTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
-
-# The official chat generation config, except max_new_tokens, which must fit the tiny context.
-CHAT_GENERATION_CONFIG = dict(
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    user_token_id=195,
-    assistant_token_id=196,
-    max_new_tokens=2048,
-    temperature=0.3,
-    top_k=5,
-    top_p=0.85,
-    repetition_penalty=1.05,
-    do_sample=True,
-)
 
 
 def _user_defined_symbols() -> list[str]:
@@ -150,18 +133,7 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = BaichuanForCausalLM(config)
+    # The official chat config, except max_new_tokens, which must fit the tiny context.
     model.generation_config = chat_generation_config(max_new_tokens=min(2048, model_max_length // 4))
     model.save_pretrained(output_dir)
     return output_dir
-
-
-def chat_generation_config(**overrides) -> GenerationConfig:
-    """The official Baichuan2 chat generation config, with ``overrides``."""
-    return GenerationConfig(**{**CHAT_GENERATION_CONFIG, **overrides})
-
-
-def copy_model_code(output_dir: str | Path) -> None:
-    """Copy the self-contained config/model/tokenizer modules into ``output_dir``."""
-    here = Path(__file__).resolve().parent
-    for name in ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py"):
-        shutil.copyfile(here / name, Path(output_dir) / name)

@@ -16,23 +16,25 @@ import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+
+# ----- the chat format: the one owner of role ids, turn layout and safe text encoding -----
+#
+# A conversation is: optional system text (no role token), then each turn as its role token followed
+# by its text, ``[195] + ids(user text)`` and ``[196] + ids(assistant text)``; a prompt that asks for a
+# reply ends with ``196``. Training adds one closing eos (2). ``ids(text)`` never contains a role or
+# control id (see ``PlainTextEncoder``), so no text can forge a turn boundary.
+
+PAD_ID = 0  # also unk: the official tokenizer pads with <unk>
+BOS_ID = 1
+EOS_ID = 2
+USER_ID = 195  # the piece <reserved_106>
+ASSISTANT_ID = 196  # the piece <reserved_107>
 # Ids that text must never produce inside a turn: unk, bos, eos and the user/assistant role tokens.
-CONTROL_IDS = frozenset({0, 1, 2, 195, 196})
-
-
-def encode_plain_texts(sp_model: spm.SentencePieceProcessor, texts: list[str]) -> list[list[int]]:
-    """Sentencepiece ids of each text, with role/control ids replaced by byte pieces.
-
-    The real vocabulary maps the literal strings ``<reserved_106>``/``<reserved_107>`` to the role
-    ids 195/196. Such a piece is re-encoded as the byte pieces ``<0xNN>`` of its text, so user
-    data can never forge a turn boundary; it still decodes to the same text. Every other text
-    encodes exactly as ``sp_model.encode``.
-    """
-    encoded = sp_model.encode(texts)
-    for n, ids in enumerate(encoded):
-        if not CONTROL_IDS.isdisjoint(ids):
-            encoded[n] = respell_control_pieces(sp_model, texts[n])
-    return encoded
+CONTROL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID})
+USER = "user"
+ASSISTANT = "assistant"
+SYSTEM = "system"
+ROLE_IDS = {USER: USER_ID, ASSISTANT: ASSISTANT_ID}
 
 
 def respell_control_pieces(sp_model: spm.SentencePieceProcessor, text: str) -> list[int]:
@@ -49,6 +51,115 @@ def respell_control_pieces(sp_model: spm.SentencePieceProcessor, text: str) -> l
         else:
             out.append(piece.id)
     return out
+
+
+class PlainTextEncoder:
+    """Batched sentencepiece encoding of text that never yields a CONTROL_IDS id.
+
+    The real vocabulary maps the literal strings ``<reserved_106>``/``<reserved_107>`` to the role
+    ids 195/196. Such a piece is re-encoded as the byte pieces ``<0xNN>`` of its text, so user text
+    can never forge a turn boundary; it still decodes to the same text. Every other text encodes
+    exactly as ``sp_model.encode``. Training data, chat prompts and evaluation all encode through
+    this one policy.
+    """
+
+    def __init__(self, sp_model: spm.SentencePieceProcessor):
+        self.sp = sp_model
+        size = sp_model.get_piece_size()
+        # Only user-defined pieces can be matched from raw text; control pieces (<s>, </s>) never are.
+        self._control_strings = [
+            sp_model.id_to_piece(i)
+            for i in sorted(CONTROL_IDS)
+            if i < size and not (sp_model.is_control(i) or sp_model.is_unknown(i))
+        ]
+        self._has_byte_pieces = all(sp_model.is_byte(sp_model.piece_to_id(f"<0x{b:02X}>")) for b in range(256))
+        # Without byte fallback, characters outside the vocabulary become unk (0).
+        byte_fallback = self._has_byte_pieces and sp_model.encode("\U0010fffd")[0] != sp_model.unk_id()
+        self._can_emit_unk = not byte_fallback
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text; raises ``ValueError`` where a control id cannot be avoided (no byte pieces)."""
+        texts = list(texts)
+        ids = self.sp.encode(texts, num_threads=1)
+        # Cheap scans first: the safe path is rare and slow (one proto per text).
+        suspects: set[int] = set()
+        for s in self._control_strings:
+            suspects.update(i for i, text in enumerate(texts) if s in text)
+        if self._can_emit_unk:
+            suspects.update(i for i, x in enumerate(ids) if PAD_ID in x)
+        for i in suspects:
+            ids[i] = self._encode_safely(texts[i])
+        return ids
+
+    def _encode_safely(self, text: str) -> list[int]:
+        if self._has_byte_pieces:
+            return respell_control_pieces(self.sp, text)
+        raw = text.encode("utf-8")
+        for piece in self.sp.encode(text, return_type="proto").pieces:
+            if piece.id in CONTROL_IDS:
+                raise ValueError(
+                    f"text {raw[piece.begin:piece.end].decode('utf-8', 'replace')!r} would encode to special id "
+                    f"{piece.id} and this tokenizer has no byte pieces <0xNN> to spell it"
+                )
+        return self.sp.encode(text)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of one text in the chat format's safe encoding; any other tokenizer's plain ``encode``."""
+    encode = getattr(tokenizer, "encode_plain_text", None)
+    return encode(text) if encode is not None else tokenizer.encode(text, add_special_tokens=False)
+
+
+def turn_ids(role: str, text_ids: list[int]) -> list[int]:
+    """One turn in the official layout: its role token, then its text."""
+    return [ROLE_IDS[role], *text_ids]
+
+
+def build_chat_input(tokenizer, messages: list[dict], max_input_tokens: int | None = None) -> list[int]:
+    """Prompt ids in the official chat format, as ``model.chat()`` sends them.
+
+    ``messages`` are ``{"role": "system"|"user"|"assistant", "content": str}``; a system message may
+    only come first. Its text comes first (no role token); each user message is ``[195] + ids``, each
+    assistant message ``[196] + ids``; ``196`` is appended when the last message is not the
+    assistant's. With ``max_input_tokens`` (the official rule: ``model_max_length - max_new_tokens``),
+    whole rounds are dropped oldest first, the newest round is always kept, then the prompt is cut
+    from the left. Raises ``ValueError`` on an unknown role or a misplaced system message.
+    """
+    system, rounds, current = "", [], []
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == SYSTEM:
+            if i != 0:
+                raise ValueError("a system message may only come first")
+            system = content
+            continue
+        if role not in ROLE_IDS:
+            raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
+        if role == USER and current:
+            rounds.append(current)
+            current = []
+        current.append(message)
+    if current:
+        rounds.append(current)
+
+    system_ids = encode_text(tokenizer, system) if system else []
+    budget = None if max_input_tokens is None else max_input_tokens - len(system_ids)
+    history: list[int] = []
+    for round_messages in reversed(rounds):
+        round_ids: list[int] = []
+        for message in round_messages:
+            round_ids.extend(turn_ids(message["role"], encode_text(tokenizer, message["content"])))
+        if budget is not None and history and len(history) + len(round_ids) > budget:
+            break
+        history = round_ids + history
+        if budget is not None and len(history) >= budget:
+            break
+    input_ids = system_ids + history
+    if not messages or messages[-1]["role"] != ASSISTANT:
+        input_ids.append(ASSISTANT_ID)
+    if max_input_tokens is not None and max_input_tokens > 0:
+        input_ids = input_ids[-max_input_tokens:]
+    return input_ids
 
 
 class BaichuanTokenizer(PreTrainedTokenizer):
@@ -95,6 +206,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["sp_model"] = None
+        state["_plain_encoder"] = None
         state["sp_model_proto"] = self.sp_model.serialized_model_proto()
         return state
 
@@ -114,8 +226,14 @@ class BaichuanTokenizer(PreTrainedTokenizer):
         return vocab
 
     def encode_plain_text(self, text: str) -> list[int]:
-        """Ids of user text that can never contain role or control ids (see ``encode_plain_texts``)."""
-        return encode_plain_texts(self.sp_model, [text])[0]
+        """Ids of user text that can never contain role or control ids (see ``PlainTextEncoder``)."""
+        if getattr(self, "_plain_encoder", None) is None:
+            self._plain_encoder = PlainTextEncoder(self.sp_model)
+        return self._plain_encoder.encode([text])[0]
+
+    def build_chat_input(self, messages: list[dict], max_input_tokens: int | None = None) -> list[int]:
+        """Prompt ids of ``messages`` in the official chat format (see the module's ``build_chat_input``)."""
+        return build_chat_input(self, messages, max_input_tokens)
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)

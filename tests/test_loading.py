@@ -1,0 +1,129 @@
+"""loading.py: the three kinds of model directory, dtypes, the loaders and the shared tool flags."""
+
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+from tools_helpers import make_lora_dir
+from transformers import GenerationConfig
+
+from baichuan_finetune.configuration_baichuan import chat_generation_config
+from baichuan_finetune.loading import (
+    DTYPES,
+    add_model_arguments,
+    adapter_base_dir,
+    chat_model,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    resolve_dtype,
+)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    return make_lora_dir(tiny_model_dir, tmp_path_factory.mktemp("loading") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def full_dir(tiny_model_dir, tmp_path_factory):
+    """A full fine-tune's directory: saved weights and config, no generation_config.json."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("loading") / "full"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.save_pretrained(out)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_model_kind_detection(tiny_model_dir, full_dir, lora_dir, tmp_path):
+    assert model_kind(tiny_model_dir) == "model"
+    assert model_kind(full_dir) == "model"
+    assert model_kind(lora_dir) == "lora"
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        model_kind(tmp_path)
+
+
+def test_adapter_base_dir(tiny_model_dir, lora_dir, tmp_path):
+    assert adapter_base_dir(lora_dir) == str(tiny_model_dir)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(ValueError, match="no base_model_name_or_path"):
+        adapter_base_dir(tmp_path)
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto") == "auto"
+    assert resolve_dtype(None) == "auto"
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("float16") is torch.float16
+    assert resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="choose from auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8")
+
+
+def test_load_model_of_a_full_directory(tiny_model_dir, full_dir):
+    from baichuan_finetune.modeling_baichuan import BaichuanForCausalLM
+
+    model, tokenizer = load_model(full_dir, dtype="bfloat16")
+    assert type(model) is BaichuanForCausalLM and not model.training
+    assert model.dtype == torch.bfloat16
+    assert chat_model(model) is model
+    # No generation_config.json: the official chat config.
+    assert model.generation_config.to_dict() == chat_generation_config().to_dict()
+    assert tokenizer.encode("你好") == load_tokenizer(tiny_model_dir).encode("你好")
+    # The base directory's own generation config is used where there is one.
+    base, _ = load_model(tiny_model_dir)
+    assert base.generation_config.to_dict() == GenerationConfig.from_pretrained(str(tiny_model_dir)).to_dict()
+
+
+def test_load_model_of_an_adapter_directory(tiny_model_dir, lora_dir):
+    from peft import PeftModel
+
+    from baichuan_finetune.modeling_baichuan import BaichuanForCausalLM
+
+    model, tokenizer = load_model(lora_dir, dtype="float32")
+    assert isinstance(model, PeftModel) and not model.training
+    base = chat_model(model)
+    assert type(base) is BaichuanForCausalLM and base is model.get_base_model()
+    assert base.dtype == torch.float32
+    # The adapter has no generation_config.json: its base model's.
+    assert base.generation_config.to_dict() == GenerationConfig.from_pretrained(str(tiny_model_dir)).to_dict()
+    assert tokenizer.encode("你好") == load_tokenizer(tiny_model_dir).encode("你好")
+
+
+def test_lora_active_in_base_model_chat_path(lora_dir):
+    """chat() of the PeftModel's base model runs with the adapter: same logits as the PeftModel."""
+    peft_model, tokenizer = load_model(lora_dir, dtype="float32")
+    ids = torch.tensor([tokenizer.encode("测试一下")])
+    with torch.no_grad():
+        torch.testing.assert_close(chat_model(peft_model)(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+def test_adapter_without_tokenizer_uses_the_base_tokenizer(tiny_model_dir, lora_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(lora_dir / name, bare / name)
+    assert load_tokenizer(bare).encode("你好") == load_tokenizer(tiny_model_dir).encode("你好")
+
+
+def test_add_model_arguments(capsys):
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--model", "output/lora"])
+    assert vars(args) == {"model": "output/lora", "dtype": "auto", "device": None, "quantize": None}
+    args = parser.parse_args(["--model", "m", "--dtype", "bfloat16", "--device", "cuda:0", "--quantize", "4"])
+    assert (args.dtype, args.device, args.quantize) == ("bfloat16", "cuda:0", 4)
+    for bad, error in ((["--dtype", "float32"], "required: --model"),
+                       (["--model", "m", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+                       (["--model", "m", "--quantize", "3"], "invalid choice: 3")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+        assert error in capsys.readouterr().err
+    dtype_action = next(a for a in parser._actions if a.dest == "dtype")
+    assert list(dtype_action.choices) == list(DTYPES)  # the one list of dtypes
