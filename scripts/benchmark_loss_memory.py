@@ -4,6 +4,7 @@ Each mode runs in its own process; the figure is the growth of peak RSS during o
 backward of the loss, above the memory held before it (hidden states and head weight).
 
 Usage: python scripts/benchmark_loss_memory.py [--seq 4096] [--vocab 125696] [--hidden 128 4096]
+       python scripts/benchmark_loss_memory.py --speed [--seq 2048] [--hidden 128] [--unsupervised 0.18 0.5]
 """
 
 import argparse
@@ -48,13 +49,48 @@ def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
     }
 
 
+def head_speed(seq: int, vocab: int, hidden: int, shares: list[float], repeats: int = 2) -> None:
+    """Forward+backward time of CausalLMLoss (z-loss 0: supervised rows only) against the same
+    NormHeadLoss over every token, interleaved, best of ``repeats``."""
+    import time
+
+    from baichuan_finetune.losses import CausalLMLoss, NormHeadLoss
+
+    print(f"head loss over {seq} tokens, hidden {hidden}, vocab {vocab}, float32, CPU "
+          f"({torch.get_num_threads()} threads); best of {repeats}")
+    torch.manual_seed(0)
+    weight = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
+    for share in shares:
+        h = torch.randn(seq, hidden, requires_grad=True)
+        labels = torch.randint(0, vocab, (seq,))
+        labels[torch.randperm(seq)[: int(share * seq)]] = -100
+        times = {"all tokens": [], "supervised only": []}
+        for _ in range(repeats):
+            for name, fn in (("all tokens", lambda: NormHeadLoss.apply(h, weight, labels, 0.0, 256)),
+                             ("supervised only", lambda: CausalLMLoss()(h, weight, labels))):
+                start = time.perf_counter()
+                fn().backward()
+                times[name].append(time.perf_counter() - start)
+                h.grad = weight.grad = None
+        full, sup = min(times["all tokens"]), min(times["supervised only"])
+        print(f"unsupervised {share:4.0%}: all tokens {full:6.2f} s, supervised only {sup:6.2f} s, "
+              f"speed-up {full / sup:.2f}x (ideal {1 / (1 - share):.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=125696)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 4096])
+    parser.add_argument("--speed", action="store_true",
+                        help="instead: time the head over all tokens vs supervised tokens only (z-loss 0)")
+    parser.add_argument("--unsupervised", type=float, nargs="+", default=[0.18, 0.5],
+                        help="with --speed: shares of tokens whose label is -100")
     parser.add_argument("--_mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.speed:
+        head_speed(args.seq, args.vocab, args.hidden[0], args.unsupervised)
+        return
     if args._mode:
         print(json.dumps(run_mode(args._mode, args.seq, args.vocab, args.hidden[0])))
         return

@@ -8,18 +8,24 @@ with '\\' to continue it or bracket a pasted block with lines of '\"\"\"'; Ctrl+
 
 import argparse
 
-from baichuan_finetune.chat_cli import add_generation_arguments, run_terminal_chat
+from baichuan_finetune.chat_cli import add_generation_arguments, check_generation_arguments, run_terminal_chat
 from baichuan_finetune.generation import make_generation_config
-from baichuan_finetune.loading import add_model_arguments, load_model
+from baichuan_finetune.loading import ToolArgumentParser, add_model_arguments, check_model_dir, load_model_or_exit
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--no_stream", action="store_true", help="print each reply when it is complete")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, quantization_bits=args.quantize)
+    try:  # every flag and the model directory before loading anything: one line, exit 2
+        check_generation_arguments(args)
+        check_model_dir(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    model, tokenizer = load_model_or_exit(parser, args.model, dtype=args.dtype, device=args.device,
+                                          quantization_bits=args.quantize)
     config = make_generation_config(model, args.max_new_tokens, args.temperature, args.top_p, args.greedy)
     try:
         import readline  # noqa: F401  (line editing and history for input())

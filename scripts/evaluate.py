@@ -2,17 +2,20 @@
 
     python scripts/evaluate.py --model output/lora --task_dir ../shared/data/cmmlu_subset --shots 5
 
-Prints a table of per-subject and average accuracy; --output_json writes the full report.
+Each file's layout is detected: C-Eval CSV (id,question,A,B,C,D,answer), CMMLU CSV, MMLU CSV
+(question,choice0..choice3,answer index; or the headerless original), MMLU/HF JSON or JSONL (question,
+choices, answer index or letter). Prints a table of per-subject and average accuracy; --output_json
+writes lm-evaluation-harness's results shape, --log_samples the per-question predictions next to it.
 """
 
 import argparse
 
-from baichuan_finetune.evaluate import run
-from baichuan_finetune.loading import add_model_arguments
+from baichuan_finetune.evaluate import EvalDataError, check_arguments, run
+from baichuan_finetune.loading import ToolArgumentParser, add_model_arguments, one_line
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--task_dir", required=True, help="folder with dev/ and val/ or test/ CSV files")
     parser.add_argument("--shots", type=int, default=5, help="few-shot examples from dev/ (default 5)")
@@ -22,14 +25,30 @@ def main(argv=None) -> None:
     parser.add_argument("--columns", default=None,
                         help="column mapping, e.g. question=Question,A=A,B=B,C=C,D=D,answer=Answer "
                              "(case-insensitive names, or 0-based positions)")
-    parser.add_argument("--answer_format", default="letter", choices=["letter", "index"],
-                        help="answers as A-D (letter) or 0-3 (index, MMLU-style exports)")
+    parser.add_argument("--answer_format", default=None, choices=["letter", "index"],
+                        help="answers as A-D (letter) or 0-3 (index); default: detected from the layout")
     parser.add_argument("--no_header", action="store_true", help="CSV files have no header row (original MMLU)")
-    parser.add_argument("--prompt_style", default="zh", choices=["zh", "en"],
-                        help="zh: C-Eval/CMMLU prompt (题目/答案：); en: MMLU prompt (Answer:)")
+    parser.add_argument("--prompt_style", default=None, choices=["zh", "en"],
+                        help="zh: C-Eval/CMMLU prompt (题目/答案：); en: MMLU prompt (Answer:); "
+                             "default: zh for C-Eval/CMMLU layouts, en for MMLU ones")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--output_json", default=None, help="write the report (with predictions) here")
-    run(parser.parse_args(argv))
+    parser.add_argument("--output_json", default=None,
+                        help="write the results here, in lm-evaluation-harness's shape")
+    parser.add_argument("--log_samples", action="store_true",
+                        help="also write samples_<task>.jsonl (per-question prediction) next to --output_json")
+    args = parser.parse_args(argv)
+    try:  # flags, paths and every question file before the model loads
+        check_arguments(args)
+    except EvalDataError as e:
+        parser.fail(str(e))
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        run(args)
+    except EvalDataError as e:
+        parser.fail(str(e))
+    except Exception as e:  # loading the model, or a letter that is not one token in its vocabulary
+        parser.fail(f"evaluating {args.model} failed: {one_line(e)}")
 
 
 if __name__ == "__main__":

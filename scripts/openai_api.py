@@ -5,13 +5,14 @@
          -d '{"messages": [{"role": "user", "content": "你好"}], "stream": true}'
 """
 
-from baichuan_finetune.serve import build_arg_parser, serve
+from baichuan_finetune.serve import build_arg_parser, exit_now, serve
 
 
 def main(argv=None) -> None:
-    args = build_arg_parser(__doc__).parse_args(argv)
-    serve(args, banner="OpenAI-compatible API")
+    parser = build_arg_parser(__doc__)
+    serve(parser.parse_args(argv), banner="OpenAI-compatible API", parser=parser)
 
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -12,14 +12,18 @@
 #   --no_ssh            one command per node, no pdsh/ssh: run this script on every node with the
 #                       same hostfile, --master_addr and its own --node_rank
 #   --node_rank R       this node's line number (0-based, among the hostfile's hosts) with --no_ssh
-#   --no_ssh_check      skip the passwordless-ssh check of the hostfile's hosts
+#   --no_ssh_check      skip the checks that the hostfile's hosts resolve and take passwordless ssh
+#                       (made for every host but this machine, even when it is the only one; a
+#                       hostfile with only this machine, e.g. "localhost slots=2", runs here)
 #   --dry_run           print the command and exit
 # Example (the official recipe, 2 nodes):
 #   scripts/train.sh --hostfile hostfile --deepspeed ds_config.json --data_path data/x.json ...
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PROG="$(basename "$0")"
+# Messages name the script the user ran: train_lora.sh execs this one and says so.
+PROG="${TRAIN_SH_PROG:-$(basename "$0")}"
+unset TRAIN_SH_PROG
 
 die() { # one clear line, exit 2
     printf '%s: error: %s\n' "$PROG" "$1" >&2
@@ -61,7 +65,7 @@ if [[ -n "$master_addr" && ! "$master_addr" =~ ^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Z
     die "--master_addr '$master_addr': not a hostname or IP address"
 fi
 
-hosts=()
+hosts=() host_lines=()
 if [[ -n "$hostfile" ]]; then
     [[ -f "$hostfile" && -r "$hostfile" ]] || die "--hostfile '$hostfile': no such readable file"
     [[ -z "$num_gpus" ]] || die "--num_gpus cannot be combined with --hostfile (the hostfile's slots= say how many)"
@@ -78,6 +82,7 @@ if [[ -n "$hostfile" ]]; then
             [[ "$h" != "$host" ]] || die "hostfile '$hostfile' line $lineno: host '$host' is listed twice"
         done
         hosts+=("$host")
+        host_lines+=("$lineno")
     done <"$hostfile"
     ((${#hosts[@]})) || die "hostfile '$hostfile': no 'hostname slots=N' line"
 fi
@@ -91,26 +96,68 @@ elif [[ -n "$node_rank" ]]; then
     die "--node_rank only goes with --no_ssh (with ssh, one command launches every node)"
 fi
 
-if [[ -n "$hostfile" && -z "$master_addr" ]]; then
-    case "${hosts[0]}" in
-    localhost | 127.0.0.1) master_addr="127.0.0.1" ;;
-    *) master_addr="${hosts[0]}" ;;
-    esac
+# Whether NAME resolves (DNS or /etc/hosts); an unresolvable rendezvous address makes every rank retry
+# its lookup forever. Without getent (not Linux) nothing is checked.
+resolves() {
+    command -v getent >/dev/null 2>&1 || return 0
+    timeout 10 getent ahosts "$1" >/dev/null 2>&1
+}
+
+# Whether NAME is this machine: localhost, its hostname, or a name for one of its addresses.
+is_this_machine() {
+    local name="${1,,}" n addr addrs
+    case "$name" in localhost | 127.0.0.1) return 0 ;; esac
+    for n in "$(hostname 2>/dev/null)" "$(hostname -s 2>/dev/null)" "$(timeout 5 hostname -f 2>/dev/null)"; do
+        [[ -n "$n" && "$name" == "${n,,}" ]] && return 0
+    done
+    command -v getent >/dev/null 2>&1 || return 1
+    addrs=" $(hostname -I 2>/dev/null) "
+    for addr in $(timeout 10 getent ahosts "$1" 2>/dev/null | awk '{print $1}' | sort -u); do
+        [[ "$addr" == 127.* || "$addr" == ::1 || "$addrs" == *" $addr "* ]] && return 0
+    done
+    return 1
+}
+
+# A hostfile whose only host is this machine runs here without ssh (as DeepSpeed does with one host);
+# any other hostfile is a launch over ssh, even with a single host: DeepSpeed would otherwise run the
+# ranks here with the remote host as rendezvous address (--force_multi makes it use pdsh).
+single_local=0 force_multi=0
+if ((${#hosts[@]} == 1 && !no_ssh)); then
+    if is_this_machine "${hosts[0]}"; then single_local=1; else force_multi=1; fi
 fi
 
-if ((${#hosts[@]} > 1 && !no_ssh)); then
+if [[ -n "$hostfile" && -z "$master_addr" ]]; then
+    if ((single_local)); then
+        master_addr="127.0.0.1"
+    else
+        case "${hosts[0]}" in
+        localhost | 127.0.0.1) master_addr="127.0.0.1" ;;
+        *) master_addr="${hosts[0]}" ;;
+        esac
+    fi
+elif [[ -n "$master_addr" ]]; then
+    resolves "$master_addr" || die "--master_addr '$master_addr': does not resolve (not in DNS or /etc/hosts); give an address every node can reach"
+fi
+
+if ((!no_ssh && !single_local && ${#hosts[@]})); then
     if ((!no_ssh_check)); then
-        for host in "${hosts[@]}"; do
+        for i in "${!hosts[@]}"; do  # all names first: cheap, and the likelier mistake
+            host="${hosts[i]}" where="hostfile '$hostfile' line ${host_lines[i]}"
+            resolves "$host" || die "$where: host '$host' does not resolve (not in DNS or /etc/hosts): fix the name, or skip the host checks with --no_ssh_check"
+        done
+        for i in "${!hosts[@]}"; do
+            host="${hosts[i]}" where="hostfile '$hostfile' line ${host_lines[i]}"
             if ! ssh -o BatchMode=yes -o ConnectTimeout=5 -- "$host" true </dev/null >/dev/null 2>&1; then
-                die "cannot ssh to '$host' without a password: run 'ssh-keygen' then 'ssh-copy-id $host' (and accept its host key once), or launch each node with --no_ssh --node_rank R --master_addr ADDR, or skip this check with --no_ssh_check"
+                die "$where: cannot ssh to '$host' without a password: run 'ssh-keygen' then 'ssh-copy-id $host' (and accept its host key once), or launch each node with --no_ssh --node_rank R --master_addr ADDR, or skip this check with --no_ssh_check"
             fi
         done
     fi
-    command -v pdsh >/dev/null 2>&1 || die "a multi-node launch with ssh needs pdsh (apt-get install pdsh); or run this script on every node with --no_ssh --node_rank R --master_addr ADDR"
+    command -v pdsh >/dev/null 2>&1 || die "a launch over ssh (a hostfile with hosts other than this machine) needs pdsh (apt-get install pdsh); or run this script on every node with --no_ssh --node_rank R --master_addr ADDR"
 fi
 
 cmd=(deepspeed)
 [[ -z "$hostfile" ]] || cmd+=(--hostfile "$hostfile" --no_ssh_check)
+((!force_multi)) || cmd+=(--force_multi)
 [[ -z "$num_gpus" ]] || cmd+=(--num_gpus "$num_gpus")
 [[ -z "$master_addr" ]] || cmd+=(--master_addr "$master_addr")
 cmd+=(--master_port "$master_port")
@@ -122,4 +169,44 @@ printf '+'
 printf ' %q' "${cmd[@]}"
 printf '\n'
 ((!dry_run)) || exit 0
-exec "${cmd[@]}"
+
+if ((!no_ssh && (${#hosts[@]} > 1 || force_multi))); then
+    # pdsh starts every node's launch.py over ssh, and ssh reports a killed launch.py as a non-zero
+    # exit that the runner passes on; ranks on other nodes could not write a status file here anyway.
+    exec "${cmd[@]}"
+fi
+
+# DeepSpeed's runner exits 0 when this node's launch.py dies by a signal (it checks returncode > 0
+# only). The training's local main process writes a status file after the final save
+# (baichuan_finetune.launch_guard); a run that exits 0 without it did not finish.
+run_checked() {
+    status_file="$(mktemp "${TMPDIR:-/tmp}/train-sh-status.XXXXXX")"
+    trap 'rm -f -- "$status_file"' EXIT
+    export BAICHUAN_FINETUNE_STATUS_FILE="$status_file"
+
+    # In the background with TERM/INT/HUP forwarded: a signal to this script stops the runner (and the
+    # ranks follow their launcher), where a foreground child would outlive a killed script.
+    "${cmd[@]}" <&0 &  # <&0: keep stdin (a background job would get /dev/null)
+    runner_pid=$!
+    trap 'kill -TERM "$runner_pid" 2>/dev/null || true' TERM INT HUP
+    local status finished=0
+    while :; do
+        if wait "$runner_pid"; then status=0; else status=$?; fi
+        # wait returns early (> 128) when a trapped signal arrives; the runner is then still stopping.
+        if ((status > 128)) && kill -0 "$runner_pid" 2>/dev/null; then continue; fi
+        break
+    done
+
+    grep -q '"status": "finished"' "$status_file" 2>/dev/null && finished=1
+    if ((status == 0 && !finished)); then
+        printf '%s: error: %s\n' "$PROG" "deepspeed exited 0 but the training on this node did not finish (its launch.py or a rank was killed?): this run saved no final output" >&2
+        return 1
+    fi
+    if ((status != 0 && finished)); then
+        printf '%s: note: the run had finished and saved its output before deepspeed exited %d\n' "$PROG" "$status" >&2
+    fi
+    return "$status"
+}
+# On one line: bash has read everything it will run before training starts, so editing this file
+# during a run (a git pull, say) cannot change what the running script does next.
+run_checked; exit $?

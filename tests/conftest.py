@@ -1,4 +1,9 @@
-"""Shared fixtures: the tiny model directories and the read-only ../shared material."""
+"""Shared fixtures: the tiny model directories and the material under tests/fixtures.
+
+The suite never reads ``../shared``: the real Baichuan2 tokenizer, the official configs and samples
+of the permissively licensed data sets are copied into ``tests/fixtures`` (see its SOURCES.md), so a
+fresh clone with nothing beside it runs every test except the CUDA-only ones.
+"""
 
 import os
 from pathlib import Path
@@ -6,8 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
-REAL_TOKENIZER = SHARED_DIR / "baichuan2" / "tokenizer.model"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+REAL_TOKENIZER = FIXTURES / "baichuan2" / "tokenizer.model"
+FIXTURE_DATA = FIXTURES / "data"
+MULTIPLE_CHOICE = FIXTURES / "multiple_choice"
 
 # No hub here, DeepSpeed on its CPU accelerator, one thread per process on 2 cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,17 +23,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The team's read-only ../shared folder (real tokenizer, configs, datasets)."""
-    if not SHARED_DIR.is_dir():
-        pytest.skip(f"{SHARED_DIR} is absent: it holds the real Baichuan2 tokenizer, configs and datasets")
-    return SHARED_DIR
+def fixtures_dir() -> Path:
+    """tests/fixtures: the real tokenizer, official configs, data samples (licences in SOURCES.md)."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")
-def real_tokenizer_model(shared_dir: Path) -> Path:
-    if not REAL_TOKENIZER.is_file():
-        pytest.skip(f"{REAL_TOKENIZER} is absent")
+def real_tokenizer_model() -> Path:
+    """The real 125,696-piece Baichuan2 tokenizer.model (unmodified, Baichuan 2 Community License)."""
     return REAL_TOKENIZER
 
 

@@ -11,11 +11,14 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fine-tune" / "baichuan_fine
 LAYERS = [
     # Self-contained: copied next to saved weights, so they may import nothing of the package but each other.
     {"configuration_baichuan", "tokenization_baichuan", "modeling_baichuan"},
-    {"losses", "quantize"},
+    {"losses", "quantize", "attention"},
     {"records", "encoding", "collator", "data_stats"},
-    {"preprocess"},
-    {"data_preview", "arguments"},
-    {"lora", "trainer", "saving"},
+    # preference_data: pair records, their encoding and batches (uses preprocess.split_sizes).
+    {"preprocess", "preference_data"},
+    # plan: the memory planner reads config.json only; train and scripts/plan.py import it.
+    {"data_preview", "arguments", "plan"},
+    # launch_guard (rank <-> launcher) and fingerprint (base recorded in adapters): train imports them.
+    {"lora", "trainer", "saving", "preflight", "launch_guard", "fingerprint", "preference"},
     {"train"},
     {"loading", "convert"},
     {"generation"},

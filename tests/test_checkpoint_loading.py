@@ -15,14 +15,16 @@ from baichuan_finetune.losses import CausalLMLoss
 from baichuan_finetune.modeling_baichuan import BaichuanForCausalLM
 from test_modeling_baichuan import ref_logits
 
+# The official 7B/13B config.json files (tests/fixtures/configs/SOURCES.md).
+CONFIGS = Path(__file__).resolve().parent / "fixtures" / "configs"
 # Official directories ship remote code written for transformers 4.29-4.33. Ours must never run it.
 BROKEN_REMOTE_CODE = "raise RuntimeError('the official remote code must never be imported')\n"
 TINY_SIZES = dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4, vocab_size=211)
 
 
-def official_dir(tmp_path: Path, shared_dir: Path, which: str, layout: str) -> tuple[Path, dict]:
+def official_dir(tmp_path: Path, which: str, layout: str) -> tuple[Path, dict]:
     """A directory laid out like the official release, with tiny sizes and random weights."""
-    config = json.loads((shared_dir / "baichuan2" / f"config-{which}.json").read_text())
+    config = json.loads((CONFIGS / f"config-{which}.json").read_text())
     config.update(TINY_SIZES)
     out = tmp_path / f"{which}-{layout}"
     out.mkdir()
@@ -70,8 +72,8 @@ def official_dir(tmp_path: Path, shared_dir: Path, which: str, layout: str) -> t
 
 @pytest.mark.parametrize("which", ["7b", "13b"])
 @pytest.mark.parametrize("layout", ["sharded-bin", "single-bin", "safetensors"])
-def test_official_layouts_load_with_no_missing_or_unexpected_keys(tmp_path, shared_dir, which, layout):
-    path, expected = official_dir(tmp_path, shared_dir, which, layout)
+def test_official_layouts_load_with_no_missing_or_unexpected_keys(tmp_path, which, layout):
+    path, expected = official_dir(tmp_path, which, layout)
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     assert type(model) is BaichuanForCausalLM
     assert not info["missing_keys"]
@@ -92,8 +94,8 @@ def test_official_layouts_load_with_no_missing_or_unexpected_keys(tmp_path, shar
     assert (logits - ref_logits(checkpoint, ids)).abs().max() < 1e-4
 
 
-def test_saved_directory_records_resolved_position_embedding(tmp_path, shared_dir):
-    path, _ = official_dir(tmp_path, shared_dir, "13b", "safetensors")
+def test_saved_directory_records_resolved_position_embedding(tmp_path):
+    path, _ = official_dir(tmp_path, "13b", "safetensors")
     model = AutoModelForCausalLM.from_pretrained(path)
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())

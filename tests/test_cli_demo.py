@@ -103,3 +103,21 @@ def test_base_model_directory_also_chats(tiny_model_dir):
     assert ask(child, "hello") == library_reply(tiny_model_dir, "hello", 8)
     child.sendline("exit")
     child.expect(require("pexpect", "").EOF)
+
+
+def test_generation_flag_limits():
+    """The edges the terminal chat accepts (bad values are in tests/test_tool_errors.py)."""
+    import argparse
+
+    from baichuan_finetune.chat_cli import check_generation_arguments
+
+    def flags(**values):
+        return argparse.Namespace(**{"max_new_tokens": None, "temperature": None, "top_p": None, **values})
+
+    for ok in (flags(), flags(max_new_tokens=1, temperature=0.0, top_p=1.0), flags(temperature=1.5, top_p=1e-3)):
+        check_generation_arguments(ok)
+    for bad, flag in ((flags(max_new_tokens=0), "--max_new_tokens"), (flags(temperature=-0.1), "--temperature"),
+                      (flags(top_p=0.0), "--top_p"), (flags(top_p=1.01), "--top_p"),
+                      (flags(temperature=float("inf")), "--temperature")):
+        with pytest.raises(ValueError, match=flag):
+            check_generation_arguments(bad)

@@ -15,9 +15,10 @@ from baichuan_finetune.data_stats import padding_efficiency
 from baichuan_finetune.preprocess import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-MEDICAL = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
-TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
+FIXTURES = REPO / "tests" / "fixtures"
+# Multi-turn Chinese chat (Apache-2.0 sample; see tests/fixtures/SOURCES.md).
+CHAT_SAMPLE = FIXTURES / "data" / "chatglm_eft_oaast_sft_zh.json"
+TOKENIZER = FIXTURES / "baichuan2" / "tokenizer.model"
 
 
 def example(ids, labels):
@@ -84,15 +85,13 @@ def test_pack_arrays_segments_and_first_labels():
 
 
 def test_packing_efficiency_on_benchmark_data():
-    if not (MEDICAL.exists() and TOKENIZER.exists()):
-        pytest.skip("needs ../shared/data/medicalgpt_sharegpt_zh_1k.jsonl and the real tokenizer")
     import sentencepiece as spm
 
     from baichuan_finetune.encoding import encode_conversations
     from baichuan_finetune.records import read_records
 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    chunk = encode_conversations(sp, read_records(str(MEDICAL)).conversations, 2048)
+    chunk = encode_conversations(sp, read_records(str(CHAT_SAMPLE)).conversations, 2048)
     efficiency, rows = padding_efficiency(chunk.lengths, 2048)
     assert efficiency["packing"] >= 0.95
     assert rows == len(pack_examples(chunk.lengths, 2048))

@@ -12,26 +12,22 @@ from baichuan_finetune.encoding import encode_conversations
 from baichuan_finetune.records import ASSISTANT, USER, Conversation, DataError, read_records
 from baichuan_finetune.tokenization_baichuan import PlainTextEncoder
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TOKENIZER = FIXTURES / "baichuan2" / "tokenizer.model"
 FORBIDDEN = {0, 1, 2, 195, 196}
 ROLE_STRINGS = ("<reserved_106>", "<reserved_107>")
 
-# Files of ../shared/data that hold conversations in a supported format, and how to read them plainly.
+# Data samples (tests/fixtures/data) that hold conversations in a supported format, and how to read them plainly.
 SUPPORTED = {
-    "medicalgpt_sharegpt_zh_1k.jsonl": "sharegpt",
     "fastchat_dummy_conversation.json": "sharegpt",
     "chatglm_eft_oaast_sft_zh.json": "alpaca",
     "chatglm_eft_example_history.json": "alpaca",
-    "llamafactory_alpaca_zh_demo.json": "alpaca",
     "llamafactory_identity.json": "alpaca",
 }
 
 
 @pytest.fixture(scope="module")
 def sp():
-    if not TOKENIZER.exists():
-        pytest.skip(f"real Baichuan2 tokenizer not found at {TOKENIZER}")
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
@@ -97,10 +93,8 @@ def plain_read(path: Path, fmt: str) -> list[tuple[list[tuple[str, str]], str]]:
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
 @pytest.mark.parametrize("max_len", [4096, 256])
-def test_shared_files_match_official_rule(sp, name, max_len):
-    path = SHARED / "data" / name
-    if not path.exists():
-        pytest.skip(f"{path} not found")
+def test_fixture_files_match_official_rule(sp, name, max_len):
+    path = FIXTURES / "data" / name
     expected = []
     for turns, system in plain_read(path, SUPPORTED[name]):
         ids, labels = official(sp, turns, system, max_len)

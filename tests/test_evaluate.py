@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +13,9 @@ from baichuan_finetune import evaluate as ev
 
 
 @pytest.fixture(scope="module")
-def cmmlu_dir(shared_dir):
-    path = shared_dir / "data" / "cmmlu_subset"
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent")
-    return path
+def cmmlu_dir(fixtures_dir):
+    """CMMLU's layout (dev/ + test/, ``,Question,A,B,C,D,Answer``) with questions written for these tests."""
+    return fixtures_dir / "multiple_choice" / "cmmlu_layout"
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,8 @@ def tiny(tiny_model_dir):
 def test_reads_cmmlu_layout(cmmlu_dir):
     items = ev.read_items(cmmlu_dir / "dev" / "marketing.csv", ev.DEFAULT_COLUMNS)
     assert len(items) == 5
-    assert items[0].question == "马斯洛需要层次理论中的最低层次是"
-    assert items[0].options[3] == "生理需要" and items[0].answer == 3  # D
+    assert items[0].question == "市场营销组合4P中不包括下列哪一项"
+    assert items[0].options[3] == "人员" and items[0].answer == 3  # D
     assert ev.find_split(cmmlu_dir, None).name == "test"  # no val/ in CMMLU
     assert ev.subject_names(cmmlu_dir, "zh")["marketing"] == "市场营销"
 
@@ -120,13 +119,111 @@ def test_script_on_a_lora_directory(tiny_model_dir, cmmlu_dir, tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "evaluate.py"), "--model", str(lora), "--task_dir", str(cmmlu_dir),
-         "--shots", "5", "--limit", "4", "--subjects", "marketing,chinese_food_culture", "--output_json", str(out)],
+         "--shots", "5", "--limit", "4", "--subjects", "marketing,chinese_food_culture", "--output_json", str(out),
+         "--log_samples"],
         env=script_env(), capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
     assert "average (over subjects)" in result.stdout and "marketing" in result.stdout
-    report = json.loads(out.read_text())
-    assert report["shots"] == 5 and report["questions"] == 8 and report["model"] == str(lora)
+    results = json.loads(out.read_text())
+    # lm-evaluation-harness's shape: results per subject task and the group, n-shot, n-samples, config.
+    task = "cmmlu_layout_marketing"
+    assert set(results["results"]) == {"cmmlu_layout", task, "cmmlu_layout_chinese_food_culture"}
+    entry = results["results"][task]
+    assert 0 <= entry["acc,none"] <= 1 and entry["acc_stderr,none"] >= 0
+    p = entry["acc,none"]
+    assert entry["acc_stderr,none"] == pytest.approx((p * (1 - p) / 3) ** 0.5)  # sample stdev / sqrt(n), n=4
+    assert results["n-shot"][task] == 5 and results["n-samples"][task] == {"original": 4, "effective": 4}
+    assert results["config"]["model_args"] == f"pretrained={lora}" and results["config"]["limit"] == 4
+    assert results["group_subtasks"]["cmmlu_layout"] == sorted(set(results["results"]) - {"cmmlu_layout"})
+    assert results["baichuan_finetune"]["questions"] == 8
+    samples = [json.loads(line) for line in (tmp_path / f"samples_{task}.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and samples[0]["doc"]["question"] == "产品生命周期中销售增长最快的阶段是"
+    assert samples[0]["target"] == "B" and samples[0]["prediction"] in "ABCD"
+    assert sum(s["acc"] for s in samples) == pytest.approx(4 * p)
+
+
+# ----- layouts detected without flags -----
+
+QUESTIONS = [("What is 1+1?", ("2", "3", "4", "5"), 0), ("What is 2+2?", ("3", "4", "5", "6"), 1),
+             ("What is 3+3?", ("5", "7", "6", "8"), 2), ("What is 4+4?", ("6", "7", "9", "8"), 3)]
+
+
+def write_layout(root: Path, kind: str) -> Path:
+    """A task folder (dev/ + val/ or test/) of the four questions in one of the common layouts."""
+    split = "val" if kind == "ceval" else "test"
+    for folder in ("dev", split):
+        (root / folder).mkdir(parents=True)
+        suffix = f"_{folder}" if kind in ("ceval", "mmlu_raw") else ""
+        if kind == "ceval":  # C-Eval: id,question,A,B,C,D,answer[,explanation]
+            rows = ["id,question,A,B,C,D,answer,explanation"] + [
+                f"{i},{q},{','.join(o)},{'ABCD'[a]}," for i, (q, o, a) in enumerate(QUESTIONS)]
+        elif kind == "mmlu_csv":  # HF MMLU exported to CSV: choice0..3 and an index answer
+            rows = ["question,choice0,choice1,choice2,choice3,answer"] + [
+                f"{q},{','.join(o)},{a}" for q, o, a in QUESTIONS]
+        elif kind == "mmlu_raw":  # the original MMLU files: no header, a letter answer
+            rows = [f"{q},{','.join(o)},{'ABCD'[a]}" for q, o, a in QUESTIONS]
+        if kind.startswith("mmlu_json"):
+            records = [{"question": q, "subject": "arithmetic", "choices": list(o),
+                        "answer": a if kind == "mmlu_json" else "ABCD"[a]} for q, o, a in QUESTIONS]
+            if kind == "mmlu_jsonl":
+                (root / folder / "arithmetic.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+            else:
+                (root / folder / "arithmetic.json").write_text(json.dumps(records))
+        else:
+            (root / folder / f"arithmetic{suffix}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("kind, detected, style", [
+    ("ceval", "C-Eval CSV", "zh"), ("mmlu_csv", "MMLU CSV", "en"), ("mmlu_raw", "MMLU CSV (no header)", "en"),
+    ("mmlu_json", "MMLU JSON", "en"), ("mmlu_jsonl", "MMLU JSON", "en")])
+def test_common_layouts_need_no_flags(tiny, tmp_path, kind, detected, style):
+    model, tokenizer = tiny
+    root = write_layout(tmp_path / kind, kind)
+    report = ev.evaluate_task(model, tokenizer, root, shots=2)
+    result = report["subjects"]["arithmetic"]
+    assert result["layout"] == detected and report["prompt_style"] == style
+    assert result["targets"] == ["A", "B", "C", "D"] and result["total"] == 4
+    assert result["questions"][2] == {"question": "What is 3+3?", "choices": ["5", "7", "6", "8"]}
+
+
+def test_cmmlu_fixture_is_detected(cmmlu_dir):
+    assert ev.detect_layout(cmmlu_dir / "test" / "marketing.csv").kind == "CMMLU CSV"
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("question,A,B,C,D,answer,A", "ambiguous layout: a column name repeats"),
+    ("prompt,opt1,opt2,opt3,opt4,label", "unknown multiple-choice layout (columns: 'prompt', 'opt1'"),
+    ("question,A,B,C,D,choice0,choice1,choice2,choice3,answer", "unknown multiple-choice layout"),
+])
+def test_unknown_or_ambiguous_layout_fails_before_the_model_loads(tiny_model_dir, tmp_path, header, expected):
+    for folder in ("dev", "test"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "x.csv").write_text(header + "\n" + ",".join(["1"] * len(header.split(","))) + "\n")
+    with pytest.raises(ev.EvalDataError, match="unknown|ambiguous") as info:
+        ev.detect_layout(tmp_path / "test" / "x.csv")
+    assert expected in str(info.value) and str(tmp_path / "test" / "x.csv") in str(info.value)
+    # The script says it in one line, before the model loads (no "Loading weights" progress).
+    result = subprocess.run([sys.executable, str(SCRIPTS / "evaluate.py"), "--model", str(tiny_model_dir),
+                             "--task_dir", str(tmp_path), "--shots", "0"],
+                            env=script_env(), capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_json_layout_errors_name_the_record(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b", "c"], "answer": 0}) + "\n")
+    with pytest.raises(ev.EvalDataError, match=r"q.jsonl: record 1: choices must be a list of 4"):
+        ev.read_json_items(path)
+    path.write_text(json.dumps({"question": "q", "choices": list("abcd"), "answer": 7}) + "\n")
+    with pytest.raises(ev.EvalDataError, match="answer 7 is not 0-3 or A-D"):
+        ev.read_json_items(path)
+    path.write_text(json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(ev.EvalDataError, match="first record keys: prompt"):
+        ev.detect_layout(path)
 
 
 def test_real_tokenizer_letters(tiny_real_vocab_model_dir):

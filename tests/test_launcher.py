@@ -83,20 +83,74 @@ def test_no_shell_injection_through_hostnames_or_values(tmp_path):
     assert not pwned.exists()
 
 
-def test_unreachable_host_says_how_to_fix(tmp_path):
+def test_unresolvable_host_names_the_line(tmp_path):
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a.invalid slots=8\nnode-b.invalid slots=8\n")
-    if shutil.which("ssh") is None:
-        pytest.skip("no ssh client here")
+    hostfile.write_text("# nodes\nnode-a.invalid slots=8\nnode-b.invalid slots=8\n")
     proc = launch("--hostfile", hostfile, "--dry_run")
-    assert proc.returncode == 2
-    assert "cannot ssh to 'node-a.invalid'" in proc.stderr and "ssh-copy-id" in proc.stderr
-    assert "--no_ssh --node_rank" in proc.stderr and "--no_ssh_check" in proc.stderr
-    proc = launch("--hostfile", hostfile, "--dry_run", "--no_ssh_check")
-    if shutil.which("pdsh") is None:  # the next requirement of a multi-node launch over ssh
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"hostfile '{hostfile}' line 2: host 'node-a.invalid' does not resolve" in proc.stderr
+    assert "--no_ssh_check" in proc.stderr
+    proc = launch("--hostfile", hostfile, "--dry_run", "--no_ssh_check")  # skips the host checks, as before
+    if shutil.which("pdsh") is None:  # the next requirement of a launch over ssh
         assert proc.returncode == 2 and "pdsh" in proc.stderr
     else:
         assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("content", ["node-a.invalid slots=1\n", "localhost slots=1\nnode-b.invalid slots=1\n"])
+def test_a_single_or_later_unresolvable_host_is_refused(tmp_path, content):
+    """The check used to run only for several hosts: a single unreachable host was accepted and its ranks
+    retried DNS forever."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(content)
+    proc = launch("--hostfile", hostfile, "--dry_run")
+    line = content.count("\n")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"line {line}: host 'node-{'ab'[line - 1]}.invalid' does not resolve" in proc.stderr
+
+
+def test_unreachable_single_host_says_how_to_fix(tmp_path):
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client here")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("198.51.100.7 slots=8\n")  # TEST-NET-2: resolves (a literal), never answers
+    proc = launch("--hostfile", hostfile, "--dry_run")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "line 1: cannot ssh to '198.51.100.7'" in proc.stderr and "ssh-copy-id" in proc.stderr
+    assert "--no_ssh --node_rank" in proc.stderr and "--no_ssh_check" in proc.stderr
+
+
+def test_single_remote_host_launches_over_ssh(tmp_path):
+    """One host other than this machine is launched there (pdsh), not here with a remote rendezvous."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a.invalid slots=2\n")
+    proc = launch("--hostfile", hostfile, "--dry_run", "--no_ssh_check")
+    if shutil.which("pdsh") is None:
+        assert proc.returncode == 2 and "needs pdsh" in proc.stderr, proc.stderr
+    else:
+        cmd = printed_command(proc)
+        assert "--force_multi" in cmd and cmd[cmd.index("--master_addr") + 1] == "node-a.invalid"
+
+
+@pytest.mark.parametrize("name", ["localhost", "127.0.0.1", "this machine"])
+def test_this_machine_alone_needs_no_ssh(tmp_path, name):
+    if name == "this machine":
+        name = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{name} slots=2\n")
+    cmd = printed_command(launch("--hostfile", hostfile, "--dry_run"))
+    assert "--force_multi" not in cmd and cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+
+
+def test_unresolvable_master_addr(tmp_path):
+    proc = launch("--master_addr", "rendezvous.invalid", "--dry_run")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--master_addr 'rendezvous.invalid': does not resolve" in proc.stderr
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    proc = launch("--hostfile", hostfile, "--no_ssh", "--node_rank", 1, "--master_addr", "rendezvous.invalid",
+                  "--dry_run")
+    assert proc.returncode == 2 and "--master_addr 'rendezvous.invalid': does not resolve" in proc.stderr
 
 
 def test_one_command_per_node(tmp_path):

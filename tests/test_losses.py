@@ -74,6 +74,34 @@ def test_all_masked_labels_give_zero_for_both_losses():
     assert chunked_causal_lm_loss(hidden, weight, labels).item() == 0.0
 
 
+@pytest.mark.parametrize("chunk_size", [7, 256])
+def test_supervised_only_head_gives_the_loss_and_gradients_of_the_head_over_all_tokens(chunk_size):
+    from baichuan_finetune.losses import NormHeadLoss
+
+    hidden, weight, labels = head_problem(seed=2, n_tokens=60)
+    labels[30:50] = IGNORE_INDEX  # a third of the tokens unsupervised, in several runs
+    all_tokens = loss_and_grads(lambda h, w, y: NormHeadLoss.apply(h, w, y, 0.0, chunk_size), hidden, weight, labels)
+    for loss_fn in (CausalLMLoss(0.0, chunk_size), lambda h, w, y: chunked_causal_lm_loss(h, w, y, 0.0, chunk_size)):
+        ours = loss_and_grads(loss_fn, hidden, weight, labels)
+        for a, b in zip(ours, all_tokens):
+            assert (a - b).abs().max().item() <= 1e-6 * b.abs().max().item()
+        assert ours[1][labels == IGNORE_INDEX].abs().max().item() == 0.0
+
+
+def test_unsupervised_tokens_never_reach_the_head_without_z_loss():
+    # A non-finite hidden state on a prompt token poisons the head's logits only if it is computed.
+    hidden, weight, labels = head_problem(seed=3)
+    hidden = hidden.detach().clone()
+    hidden[labels == IGNORE_INDEX] = float("nan")
+    hidden.requires_grad_()
+    for loss_fn in (CausalLMLoss(0.0, 7), lambda h, w, y: chunked_causal_lm_loss(h, w, y, 0.0, 7)):
+        loss, grad_h, grad_w = loss_and_grads(loss_fn, hidden, weight, labels)
+        assert torch.isfinite(loss) and torch.isfinite(grad_w).all()
+        assert torch.isfinite(grad_h[labels != IGNORE_INDEX]).all()
+    # With z-loss every token counts (its mean runs over all of them), so all go through.
+    assert not torch.isfinite(CausalLMLoss(1e-3, 7)(hidden, weight, labels))
+
+
 @pytest.mark.parametrize("z_loss_weight", [0.0, 1e-3])
 def test_model_loss_with_causal_lm_loss_equals_the_fallback_in_training_and_evaluation(z_loss_weight):
     model = random_model(tiny_config("alibi", 4, z_loss_weight=z_loss_weight)).train()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ def merged_dir(lora_dir, tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr
     assert f"into {out}" in result.stdout
+    # make_lora_dir records no base fingerprint (as older adapters): merged, with one warning line.
+    assert "warning:" in result.stderr and "records no base_model_fingerprint.json" in result.stderr
     return out
 
 
@@ -92,7 +95,7 @@ def test_merge_refuses_a_model_directory(tiny_model_dir, tmp_path):
         merge_lora(tiny_model_dir, tmp_path / "out")
 
 
-def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, shared_dir, tmp_path):
+def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, fixtures_dir, tmp_path):
     """A LoRA directory written by fine-tune/fine-tune.py (2 steps) -> merge, cli, server, evaluation."""
     from tools_helpers import REPO_ROOT, require, start_server, stop_server
 
@@ -112,6 +115,12 @@ def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, shared_dir, tmp
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert (adapter / "adapter_config.json").is_file()
+    # Training recorded its base; the merge below checks it (no warning, no refusal).
+    from baichuan_finetune import fingerprint
+
+    recorded = fingerprint.read_fingerprint(adapter)
+    assert recorded is not None and recorded["architecture"]["position_embedding"] == "rope"
+    assert fingerprint.differences(recorded, fingerprint.compute_fingerprint(tiny_model_dir)) == []
 
     # merge: same logits as the PeftModel
     # (merge and evaluation in-process: their scripts are tested as subprocesses elsewhere)
@@ -164,6 +173,126 @@ def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, shared_dir, tmp
     # evaluation
     from baichuan_finetune.evaluate import evaluate_task
 
-    report = evaluate_task(peft_model, tokenizer, shared_dir / "data" / "cmmlu_subset", shots=2, limit=2,
+    report = evaluate_task(peft_model, tokenizer, fixtures_dir / "multiple_choice" / "cmmlu_layout", shots=2, limit=2,
                            subjects=["marketing"])
     assert report["subjects"]["marketing"]["total"] == 2
+
+
+# ----- the base recorded in the adapter (base_model_fingerprint.json) -----
+
+
+def _point_adapter_at(lora: Path, base: Path, dest: Path) -> Path:
+    """A copy of `lora` whose adapter_config.json names `base` (a moved or replaced base directory)."""
+    import shutil
+
+    shutil.copytree(lora, dest)
+    config = json.loads((dest / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def fingerprinted_lora(tiny_model_dir, tmp_path_factory):
+    from baichuan_finetune.fingerprint import FINGERPRINT_FILE, write_fingerprint
+
+    lora = make_lora_dir(tiny_model_dir, tmp_path_factory.mktemp("fp") / "adapter")
+    assert write_fingerprint(tiny_model_dir, lora) == lora / FINGERPRINT_FILE  # as training does
+    return lora
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """Same shapes and tokenizer as the tiny base, other weights (another seed)."""
+    from baichuan_finetune.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("other") / "rope-seed1", position_embedding="rope", seed=1)
+
+
+@pytest.fixture(scope="module")
+def alibi_base(tiny_model_dir, tmp_path_factory):
+    """The tiny base's very weights under an ALiBi config (the 13B layout): only the position scheme differs."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("alibi") / "alibi-same-weights"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["position_embedding"] = "alibi"
+    config.pop("max_position_embeddings")
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _merge_main(argv, capsys, monkeypatch):
+    """scripts/merge_lora.py's main in this process: (exit code, stderr lines)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_lora_script", SCRIPTS / "merge_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py"])
+    code = 0
+    try:
+        module.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("which, expected", [
+    ("other", "model.embed_tokens.weight holds other values"),
+    ("alibi", "position_embedding rope (adapter's base) vs alibi (this base)"),
+])
+def test_merge_refuses_another_base_unless_forced(which, expected, fingerprinted_lora, other_base, alibi_base,
+                                                  tmp_path, capsys, monkeypatch):
+    base = other_base if which == "other" else alibi_base
+    lora = _point_adapter_at(fingerprinted_lora, base, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    code, lines = _merge_main([lora, out], capsys, monkeypatch)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("merge_lora.py: error: ") and expected in lines[0] and "--force" in lines[0]
+    assert not out.exists()
+
+    code, lines = _merge_main([lora, out, "--force"], capsys, monkeypatch)
+    assert code == 0, lines
+    assert any("warning: --force" in line and expected in line for line in lines), lines
+    assert (out / "config.json").is_file()
+    merged_config = json.loads((out / "config.json").read_text())
+    assert merged_config["position_embedding"] == ("alibi" if which == "alibi" else "rope")
+
+
+def test_fingerprint_matches_its_base_and_the_same_base_in_another_dtype(tiny_model_dir, tmp_path):
+    """bf16 copy of the same base: same fingerprint (statistics, not a byte hash); other tensors: not."""
+    from safetensors.torch import load_file, save_file
+
+    from baichuan_finetune import fingerprint
+
+    bf16 = tmp_path / "bf16"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, bf16)
+    tensors = load_file(bf16 / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, bf16 / "model.safetensors",
+              metadata={"format": "pt"})
+    original = fingerprint.compute_fingerprint(tiny_model_dir)
+    assert fingerprint.differences(original, original) == []
+    assert fingerprint.differences(original, fingerprint.compute_fingerprint(bf16)) == []
+    # One row of lm_head changed by a little (a light fine-tune of the head) is seen.
+    tensors["lm_head.weight"][3] += 0.05
+    save_file(tensors, bf16 / "model.safetensors", metadata={"format": "pt"})
+    assert fingerprint.differences(original, fingerprint.compute_fingerprint(bf16)) == [
+        "lm_head.weight holds other values (first 16 rows differ)"]
+    # A .bin base is read too (torch.load mmap, weights_only).
+    bin_dir = tmp_path / "bin"
+    shutil.copytree(tiny_model_dir, bin_dir)
+    (bin_dir / "model.safetensors").unlink()
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), bin_dir / "pytorch_model.bin")
+    assert fingerprint.differences(original, fingerprint.compute_fingerprint(bin_dir)) == []
+
+
+def test_adapter_without_fingerprint_merges_with_a_warning(lora_dir, tmp_path, capsys, monkeypatch):
+    """make_lora_dir writes no fingerprint (as adapters of older versions): checked as far as possible."""
+    from baichuan_finetune.merge import check_merge
+
+    plan = check_merge(lora_dir, tmp_path / "out")
+    assert len(plan.warnings) == 1 and "records no base_model_fingerprint.json" in plan.warnings[0]

@@ -17,15 +17,13 @@ from baichuan_finetune.preprocess import prepare_data
 from baichuan_finetune.records import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
-FASTCHAT = SHARED / "data" / "fastchat_dummy_conversation.json"
+FIXTURES = REPO / "tests" / "fixtures"
+TOKENIZER = FIXTURES / "baichuan2" / "tokenizer.model"
+FASTCHAT = FIXTURES / "data" / "fastchat_dummy_conversation.json"
 
 
 @pytest.fixture(scope="module")
 def sp():
-    if not TOKENIZER.exists():
-        pytest.skip(f"real Baichuan2 tokenizer not found at {TOKENIZER}")
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
@@ -86,14 +84,12 @@ def test_cache_key_follows_file_content_not_name(sp, tmp_path):
 
 
 def test_val_size_split_is_deterministic_and_disjoint(sp, tmp_path):
-    if not FASTCHAT.exists():
-        pytest.skip(f"{FASTCHAT} not found")
     whole = prepare_data(DataArguments(data_path=str(FASTCHAT), data_cache_dir=str(tmp_path)), sp, 512)
     args = DataArguments(data_path=str(FASTCHAT), data_cache_dir=str(tmp_path / "b"), val_size=0.1)
     a = prepare_data(args, sp, 512, seed=1)
-    assert len(a.eval_dataset) == 50 and len(a.train_dataset) == 450
+    assert len(a.eval_dataset) == 10 and len(a.train_dataset) == 90  # the 100-record sample
     assert sorted(map(str, rows(a.train_dataset) + rows(a.eval_dataset))) == sorted(map(str, rows(whole.train_dataset)))
-    b = prepare_data(DataArguments(data_path=str(FASTCHAT), data_cache_dir=str(tmp_path / "c"), val_size=50), sp, 512, seed=1)
+    b = prepare_data(DataArguments(data_path=str(FASTCHAT), data_cache_dir=str(tmp_path / "c"), val_size=10), sp, 512, seed=1)
     assert rows(b.eval_dataset) == rows(a.eval_dataset)
     c = prepare_data(args, sp, 512, seed=2)
     assert rows(c.eval_dataset) != rows(a.eval_dataset)
@@ -158,8 +154,6 @@ CHILD = textwrap.dedent(
 
 
 def test_two_processes_one_tokenizes(sp, tmp_path):
-    if not FASTCHAT.exists():
-        pytest.skip(f"{FASTCHAT} not found")
     env = dict(os.environ, PYTHONPATH=str(REPO / "fine-tune"))
     procs = [
         subprocess.Popen([sys.executable, "-c", CHILD, str(TOKENIZER), str(FASTCHAT), str(tmp_path)],
@@ -176,4 +170,4 @@ def test_two_processes_one_tokenizes(sp, tmp_path):
     assert (main["from_cache"], waiting["from_cache"]) == (False, True)
     assert main["cache_dir"] == waiting["cache_dir"]
     assert [p.name for p in tmp_path.iterdir()] == [Path(main["cache_dir"]).name]
-    assert main["digest"] == waiting["digest"] and main["rows"] == 500
+    assert main["digest"] == waiting["digest"] and main["rows"] == 100

@@ -13,10 +13,20 @@ needs_bnb = pytest.mark.skipif(not q.bitsandbytes_available(),
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir):
+def quant_model_dir(tmp_path_factory):
+    """The tiny model with shapes every bitsandbytes backend accepts: each linear's output a multiple of
+    32 and input even (bitsandbytes' CPU 4-bit kernel on AVX512-BF16 CPUs packs blocks of 32 rows), so
+    the outcome does not depend on the CPU. The default tiny model (intermediate 344) is refused."""
+    from baichuan_finetune.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("quant") / "tiny", intermediate_size=512)
+
+
+@pytest.fixture(scope="module")
+def reference(quant_model_dir):
     from baichuan_finetune.loading import load_model
 
-    model, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    model, tokenizer = load_model(quant_model_dir, dtype="float32")
     ids = torch.tensor([tokenizer.encode("你好，请介绍一下北京。Hello!")])
     with torch.no_grad():
         return ids, model(input_ids=ids).logits
@@ -42,20 +52,20 @@ def cosine(a, b):
 
 @needs_bnb
 @pytest.mark.parametrize("bits, weight_dtype, min_cosine", [(8, torch.int8, 0.999), (4, torch.uint8, 0.9)])
-def test_quantize_replaces_linears_and_runs(tiny_model_dir, reference, bits, weight_dtype, min_cosine):
+def test_quantize_replaces_linears_and_runs(quant_model_dir, reference, bits, weight_dtype, min_cosine):
     import bitsandbytes as bnb
 
     from baichuan_finetune.generation import build_prompt_ids, make_generation_config
     from baichuan_finetune.modeling_baichuan import LINEAR_LAYER_NAMES
 
-    model, tokenizer = load(tiny_model_dir)
+    model, tokenizer = load(quant_model_dir)
     assert model.quantize(bits) is model
     names, count = quantized_linears(model)
     assert names == set(LINEAR_LAYER_NAMES) and count == 5 * model.config.num_hidden_layers
     w_pack = model.model.layers[0].self_attn.W_pack
     assert isinstance(w_pack, bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit)
     assert w_pack.weight.dtype == weight_dtype
-    assert isinstance(model.lm_head, type(load(tiny_model_dir)[0].lm_head))  # the NormHead stays as it is
+    assert isinstance(model.lm_head, type(load(quant_model_dir)[0].lm_head))  # the NormHead stays as it is
     ids, ref_logits = reference
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -73,8 +83,8 @@ def test_quantize_replaces_linears_and_runs(tiny_model_dir, reference, bits, wei
 
 
 @needs_bnb
-def test_quantize_a_lora_directory_merges_first(tiny_model_dir, tmp_path, reference):
-    lora = make_lora_dir(tiny_model_dir, tmp_path / "adapter")
+def test_quantize_a_lora_directory_merges_first(quant_model_dir, tmp_path, reference):
+    lora = make_lora_dir(quant_model_dir, tmp_path / "adapter")
     model, _ = load(lora, quantization_bits=8)
     assert not hasattr(model, "peft_config")  # merged, then quantized
     assert quantized_linears(model)[1] == 5 * model.config.num_hidden_layers
@@ -83,13 +93,13 @@ def test_quantize_a_lora_directory_merges_first(tiny_model_dir, tmp_path, refere
 
 
 @needs_bnb
-def test_from_pretrained_with_qlora_config(tiny_model_dir, reference):
+def test_from_pretrained_with_qlora_config(quant_model_dir, reference):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
     config = q.quantization_config_for_qlora(compute_dtype=torch.float32)
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(quant_model_dir), quantization_config=config, dtype=torch.float32)
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     with torch.no_grad():
         assert cosine(model(input_ids=reference[0]).logits, reference[1]) > 0.9
@@ -115,3 +125,18 @@ def test_quantize_errors_without_bitsandbytes(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         q.quantize(model, 8)
+
+
+@needs_bnb
+def test_4bit_on_a_shape_the_cpu_kernel_refuses_names_the_layer(tiny_model_dir, tmp_path):
+    """The default tiny model (gate/up 128->344): refused in one line on every CPU, nothing replaced."""
+    model, _ = load(tiny_model_dir)
+    with pytest.raises(ValueError) as info:
+        model.quantize(4)
+    message = str(info.value)
+    assert "\n" not in message and "model.layers.0.mlp.gate_proj is 128->344" in message
+    assert "multiple of 32" in message
+    assert quantized_linears(model)[1] == 0
+    # --quantize 4 of every tool loads through load_model: the same error.
+    with pytest.raises(ValueError, match="gate_proj is 128->344"):
+        load(tiny_model_dir, quantization_bits=4)

@@ -12,7 +12,7 @@ from baichuan_finetune import records
 from baichuan_finetune.records import ASSISTANT, USER, DataError, read_records
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"  # samples of ../shared/data (SOURCES.md)
 EXAMPLES = REPO / "data" / "examples"
 
 
@@ -20,10 +20,17 @@ def write(tmp_path: Path, name: str, content) -> str:
     path = tmp_path / name
     if isinstance(content, str):
         path.write_text(content, encoding="utf-8")
-    elif name.endswith(".jsonl"):
-        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in content) + "\n", encoding="utf-8")
-    else:
-        path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+        return str(path)
+    for ascii_only in (False, True):  # a lone surrogate cannot be UTF-8: then it is written as a \u escape
+        if name.endswith(".jsonl"):
+            text = "\n".join(json.dumps(r, ensure_ascii=ascii_only) for r in content) + "\n"
+        else:
+            text = json.dumps(content, ensure_ascii=ascii_only)
+        try:
+            path.write_text(text, encoding="utf-8")
+            break
+        except UnicodeEncodeError:
+            continue
     return str(path)
 
 
@@ -73,6 +80,14 @@ def test_comma_separated_and_directory(tmp_path):
         ("x.json", [{"instruction": "a", "output": None}], "x.json record 0: output: missing text"),
         ("x.json", [{"instruction": "a", "output": "b", "history": [["only one"]]}],
          "x.json record 0: history[0]: expected a [user, assistant] pair"),
+        # A lone surrogate (an unpaired "\ud800" escape: json.dumps writes it so) is no Unicode text.
+        ("x.json", [GOOD, {"conversations": [{"from": "human", "value": "ab\ud800"}]}],
+         "x.json record 1: conversations[0].value: invalid Unicode: lone surrogate U+D800 at character 2"),
+        ("x.jsonl", [{**GOOD, "system": "\udc00"}], "x.jsonl line 1: system: invalid Unicode: lone surrogate U+DC00"),
+        ("x.json", [{"instruction": "a", "output": "b", "history": [["q", "\udfff"]]}],
+         "x.json record 0: history[0][1]: invalid Unicode"),
+        ("x.jsonl", '{"conversations": []}\n{"conversations": ' + "[" * 5000 + "]" * 5000 + "}\n",
+         "x.jsonl line 2: JSON nested too deeply for the JSON reader (more than 500 levels at column 518)"),
     ],
 )
 def test_bad_records_name_file_record_and_field(tmp_path, name, content, expected):
@@ -134,6 +149,38 @@ def test_error_lists_first_20_and_count_skip_counts_by_reason(tmp_path):
     assert reasons == {"unknown role": 25, "empty conversation": 2}
 
 
+def test_surrogate_pairs_are_text_and_lone_ones_are_skipped(tmp_path):
+    emoji = {"conversations": [{"from": "human", "value": "\U0001F600"}, {"from": "gpt", "value": "ok"}]}
+    lone = {"conversations": [{"from": "human", "value": "\ud83d"}, {"from": "gpt", "value": "ok"}]}
+    path = write(tmp_path, "x.json", [emoji, lone])  # ASCII escapes: "\ud83d\ude00" and a lone "\ud83d"
+    assert "\\ud83d\\ude00" in Path(path).read_text()
+    result = read_records(path, on_bad_record="skip")
+    assert [c.turns[0][1] for c in result.conversations] == ["\U0001F600"]
+    assert [b.reason for b in result.bad_records] == ["invalid Unicode"]
+
+
+def test_deep_nesting_in_a_json_array_names_the_record_line_and_column(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    path = write(tmp_path, "x.json", "[" + json.dumps(GOOD) + ",\n" + json.dumps(GOOD) + ',\n{"id": ' + deep + "}]")
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value) == (f"{path} record 2: JSON nested too deeply for the JSON reader "
+                              "(more than 500 levels at line 3 column 506)")
+    # Brackets inside strings do not count.
+    fine = {"conversations": [{"from": "human", "value": "[" * 600}, {"from": "gpt", "value": "{" * 600}]}
+    assert len(read_records(write(tmp_path, "ok.json", [fine])).conversations) == 1
+
+
+def test_one_bad_record_is_one_line_and_names_the_eval_data(tmp_path):
+    path = write(tmp_path, "e.json", [{"conversations": [{"from": "bot", "value": "x"}]}])
+    with pytest.raises(DataError) as err:
+        read_records(path, what="eval data")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"1 bad record in the eval data: {path} record 0: ")
+    with pytest.raises(DataError, match=r"^2 bad record\(s\) in the eval data"):
+        read_records(write(tmp_path, "e2.json", [{"conversations": []}] * 2), what="eval data")
+
+
 def test_same_role_twice_accepted(tmp_path):
     rec = {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
                              {"from": "gpt", "value": "c"}]}
@@ -144,17 +191,14 @@ UNSUPPORTED = {
     "llamafactory_glaive_toolcall_zh_demo.json": "unknown role 'function_call'",
     "llamafactory_glaive_toolcall_en_demo.json": "unknown role 'function_call'",
     "cdial_lccc_toy_data.json": "unknown format: the file is one JSON object (keys: valid, train, test)",
-    "firefly_dummy_data.jsonl": "unknown format (first record keys: conversation_id",
     "fastchat_mt_bench_question.jsonl": "unknown format (first record keys: question_id",
     "chinese_vicuna_chat_sample.jsonl": "unknown format (first record keys: input, output",
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_unsupported_shared_files_give_clear_errors(name):
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (../shared/data is read-only team material)")
+def test_unsupported_fixture_files_give_clear_errors(name):
+    path = FIXTURE_DATA / name
     with pytest.raises(DataError) as err:
         read_records(str(path))
     assert UNSUPPORTED[name] in str(err.value)

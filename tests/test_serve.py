@@ -105,6 +105,12 @@ def test_stop_strings_and_sampling_options(client):
         (b'{"messages": [{"role": "user", "content": "a"}], "temperature": 3}', "temperature"),
         (b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 0}', "max_tokens"),
         (b'{"messages": [{"role": "user", "content": "a"}], "stop": [1]}', "stop"),
+        (b'{"messages": [{"role": "user", "content": "a"}], "temperature": 0.5.5}', None),
+        (b'{"messages": [{"role": "user", "content": "a"}], "temperature": NaN}', "temperature"),
+        (b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 2.5}', "max_tokens"),
+        # Nested past json's recursion limit (was a 500 RecursionError), and past our own limit.
+        (b'{"messages": [{"role": "user", "content": "a"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        (b'{"messages": [{"role": "user", "content": "a"}], "x": ' + b"[" * 100 + b"]" * 100 + b"}", None),
     ],
 )
 def test_malformed_requests_get_openai_errors(server, body, param):
@@ -113,6 +119,27 @@ def test_malformed_requests_get_openai_errors(server, body, param):
     assert set(error["error"]) == {"message", "type", "param", "code"}
     assert error["error"]["type"] == "invalid_request_error" and error["error"]["message"]
     assert error["error"]["param"] == param
+    if b"[[[" in body:
+        assert error["error"]["code"] == "too_deep" and "nested too deeply" in error["error"]["message"]
+
+
+def test_oversized_body_is_400(server):
+    content = "x" * (5 * 1024 * 1024)
+    status, error = post(server + "/v1/chat/completions",
+                         json.dumps({"messages": [{"role": "user", "content": content}]}).encode())
+    assert status == 400
+    assert error["error"]["code"] == "body_too_large" and "4 MiB" in error["error"]["message"]
+
+
+def test_integer_and_float_spellings_of_numbers(server):
+    """JSON has one number type: ``"temperature": 2`` (an int, was a 500) and ``"max_tokens": 4.0`` work."""
+    for extra in ({"temperature": 2, "top_p": 1, "seed": 3}, {"temperature": 0, "max_tokens": 4.0},
+                  {"temperature": 1.0, "top_p": 0.5, "seed": 3.0}):
+        body = {"messages": MESSAGES, "max_tokens": 4, **extra}
+        status, reply = post(server + "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= reply["usage"]["completion_tokens"] <= 4
 
 
 def test_too_long_prompt(client, server):
@@ -149,6 +176,7 @@ def test_prepare_builds_the_prompt_once_in_the_chat_format(lora_dir):
     with pytest.raises(RequestError, match=f"you requested {service.max_length + 1} tokens") as info:
         service.prepare(parse_chat_request({"messages": MESSAGES, "max_tokens": service.max_length - asked + 1}))
     assert info.value.code == "context_length_exceeded"
+    service.close(timeout=5)
 
 
 def test_web_page_is_package_data():
@@ -158,3 +186,109 @@ def test_web_page_is_package_data():
     assert page.startswith("<!doctype html>") and "<title>Baichuan2 chat: a&lt;b&gt;</title>" in page
     assert "{{MODEL_NAME}}" not in page
     assert 'buffer.indexOf("\\n\\n")' in page  # the SSE event separator, as the browser reads it
+
+
+# ----- every request field honoured or refused -----
+
+
+def test_extra_body_sampling_fields_are_honoured(client, lora_dir):
+    """top_k and repetition_penalty (extra_body) reach generation: greedy with a strong penalty equals
+    the library's reply with the same penalty."""
+    from baichuan_finetune.generation import make_generation_config
+    from baichuan_finetune.loading import load_model
+
+    model, tokenizer = load_model(lora_dir)
+    replies = {}
+    for penalty in (1.0, 5.0):
+        response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=16, temperature=0,
+                                                  extra_body={"repetition_penalty": penalty, "top_k": 3})
+        config = make_generation_config(model, max_new_tokens=16, greedy=True)
+        config.repetition_penalty = penalty
+        assert response.choices[0].message.content == generate_reply(model, tokenizer, MESSAGES, config).text
+        replies[penalty] = response.choices[0].message.content
+    assert replies[1.0] != replies[5.0]  # the penalty changed the reply: it was not ignored
+
+
+def test_logprobs(client, lora_dir):
+    import math
+
+    response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert 1 <= len(content) <= 6
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob, abs_tol=1e-4)
+    assert "".join(e.token for e in content) == response.choices[0].message.content or len(content) == 6
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("response_format", {"type": "json_object"}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("logit_bias", {"5": 10}),
+    ("n", 2),
+    ("bogus_field", 1),
+])
+def test_unsupported_fields_are_400_naming_them(client, field, value):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=2, extra_body={field: value})
+    assert info.value.body["param"] == field and field in info.value.body["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=2, presence_penalty=0,
+                                              frequency_penalty=0, response_format={"type": "text"}, user="u1")
+    assert response.choices[0].message.content is not None
+
+
+def test_logprobs_with_stream_is_refused(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=2, stream=True, logprobs=True)
+    assert info.value.body["param"] == "logprobs"
+
+
+def test_text_completions_endpoint(client, lora_dir):
+    """/v1/completions: a raw prompt; one rendered with the saved chat_template is the chat prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(lora_dir))
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    response = client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    chat = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert response.object == "text_completion"
+    assert response.choices[0].text == chat.choices[0].message.content
+    assert response.usage.prompt_tokens == chat.usage.prompt_tokens
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) >= 1
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-lora", prompt=prompt, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == response.choices[0].text
+
+
+def test_api_key_and_served_model_name(lora_dir, monkeypatch):
+    openai = require("openai", "the API test uses the official openai client (requirements-tools.txt)")
+    monkeypatch.setenv("BAICHUAN_API_KEY", "from-env")  # the flag wins over the environment
+    proc, base_url = start_server("openai_api.py", lora_dir, "--served_model_name", "served", "--api_key", "s3cret")
+    try:
+        good = openai.OpenAI(base_url=base_url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
+        assert [m.id for m in good.models.list().data] == ["served"]
+        assert good.chat.completions.create(model="served", messages=MESSAGES, max_tokens=2).choices
+        for key in ("wrong", "from-env"):
+            bad = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+            with pytest.raises(openai.AuthenticationError) as info:
+                bad.chat.completions.create(model="served", messages=MESSAGES, max_tokens=2)
+            assert info.value.body["code"] == "invalid_api_key"
+        status, error = post(base_url + "/v1/models", None)  # no header at all
+        assert status == 401
+        with urllib.request.urlopen(base_url + "/health", timeout=10) as response:  # health stays open
+            assert response.status == 200
+    finally:
+        stop_server(proc)

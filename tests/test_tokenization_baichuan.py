@@ -10,6 +10,7 @@ from baichuan_finetune.tiny import collect_strings
 from baichuan_finetune.tokenization_baichuan import ASSISTANT_ID, BaichuanTokenizer, PlainTextEncoder, build_chat_input
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 
 
 def file_texts(path: Path) -> list[str]:
@@ -41,14 +42,16 @@ def test_official_tokenizer_config_loads_with_official_ids(real):
         "fastchat_dummy_conversation.json",
         "llamafactory_identity.json",
         "chinese_vicuna_chat_sample.jsonl",
-        "firefly_dummy_data.jsonl",
+        "chatglm_eft_oaast_sft_zh.json",
+        "cdial_lccc_toy_data.json",
+        "llamafactory_glaive_toolcall_zh_demo.json",
         "fastchat_mt_bench_question.jsonl",
         "llamafactory_glaive_toolcall_en_demo.json",
     ],
 )
-def test_encode_equals_sentencepiece_and_decode_round_trips(real, shared_dir, name):
+def test_encode_equals_sentencepiece_and_decode_round_trips(real, name):
     tok, sp = real
-    texts = file_texts(shared_dir / "data" / name)
+    texts = file_texts(FIXTURE_DATA / name)
     assert texts
     for text in texts:
         ids = tok.encode(text)

@@ -163,8 +163,8 @@ def test_trainer_passes_its_objective_and_counts_tokens(tiny_model_dir, tmp_path
     from transformers import AutoModelForCausalLM
 
     from baichuan_finetune.arguments import TrainingArguments
-    from baichuan_finetune.losses import CausalLMLoss
-    from baichuan_finetune.trainer import BaichuanTrainer, training_objective
+    from baichuan_finetune.losses import CausalLMLoss, training_objective
+    from baichuan_finetune.trainer import BaichuanTrainer
 
     assert training_objective(None, SimpleNamespace(z_loss_weight=0.25)) == CausalLMLoss(z_loss_weight=0.25)
     assert training_objective(0.0, SimpleNamespace(z_loss_weight=0.25)) == CausalLMLoss(z_loss_weight=0.0)
@@ -457,3 +457,23 @@ def test_two_node_launch_without_ssh(tiny_model_dir, train_data, env, work):
     assert all("dist_world_size=2" in log for log in logs)  # one process per node, one world
     assert sorted(losses(out)) == [1, 2]
     assert (out / "adapter_model.safetensors").is_file()
+
+
+# ----- 2 processes, ZeRO-3: a kill just before a checkpoint's marker, then resume (saving.py's fault hook) -----
+
+
+def test_two_process_zero3_kill_before_marker_then_resume(official_full, tiny_model_dir, train_data, env, work):
+    ref, _ = official_full
+    hostfile = work / "hostfile-local"  # written by official_full
+    out = work / "official-killed"
+    launch = [BIN / "deepspeed", f"--hostfile={hostfile}", "--no_ssh_check", "--master_addr", "127.0.0.1"]
+    flags = official_flags(tiny_model_dir, train_data, out)
+    # Both ranks have written every shard of checkpoint-4; the marker is not written yet.
+    proc = run([*launch, "--master_port", free_port(), FINE_TUNE, *flags],
+               {**env, "BAICHUAN_FINETUNE_FAULT": "before_marker:kill:4"}, check=False)
+    assert proc.returncode != 0
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "checkpoint_complete.json").exists()
+    proc = run([*launch, "--master_port", free_port(), FINE_TUNE, *flags, "--resume_from_checkpoint", "True"], env)
+    assert f"Resuming from {out / 'checkpoint-2'}" in proc.stdout + proc.stderr
+    assert_same_losses(ref, out, 3, 4)
+    assert (out / "checkpoint-4" / "checkpoint_complete.json").is_file() and (out / "model.safetensors").is_file()

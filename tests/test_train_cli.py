@@ -69,16 +69,16 @@ def test_bad_config_file(tmp_path, capsys):
     assert "not valid YAML" in one_line_error(capsys)
 
 
-def test_existing_checkpoints_are_not_overwritten(data_file, tmp_path, capsys):
+def test_existing_checkpoints_are_not_overwritten(data_file, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)
-    assert main(base_args(data_file, out)) == 2
+    assert main(base_args(data_file, out, tiny_model_dir)) == 2
     line = one_line_error(capsys)
     assert "already holds checkpoints" in line and "--resume_from_checkpoint True" in line
     # Resuming needs a complete checkpoint: checkpoint-2 has no completion marker.
-    assert main(base_args(data_file, out) + ["--resume_from_checkpoint", "True"]) == 2
+    assert main(base_args(data_file, out, tiny_model_dir) + ["--resume_from_checkpoint", "True"]) == 2
     assert "no complete checkpoint" in one_line_error(capsys)
-    assert main(base_args(data_file, out) + ["--resume_from_checkpoint", str(out / "checkpoint-2")]) == 2
+    assert main(base_args(data_file, out, tiny_model_dir) + ["--resume_from_checkpoint", str(out / "checkpoint-2")]) == 2
     assert "incomplete checkpoint" in one_line_error(capsys)
 
 

@@ -1,5 +1,6 @@
 """scripts/web_demo.py in a real headless Chromium (Debian's, driven by playwright): a streamed reply."""
 
+import json
 import os
 import shutil
 
@@ -72,4 +73,65 @@ def test_send_message_and_see_streamed_reply(browser, web_url):
     assert page.locator(".message.user").count() == 2
     page.click("#clear")
     assert page.locator(".message").count() == 0
+    page.close()
+
+
+def test_defaults_come_from_the_generation_config_and_failed_turns_are_not_history(browser, web_url, tiny_model_dir):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(str(tiny_model_dir))
+    page = browser.new_page()
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(web_url + "/")
+    assert float(page.input_value("#max_tokens")) == config.max_new_tokens
+    assert float(page.input_value("#temperature")) == pytest.approx(config.temperature)
+    assert float(page.input_value("#top_p")) == pytest.approx(config.top_p)
+    assert float(page.input_value("#top_k")) == config.top_k
+    assert float(page.input_value("#repetition_penalty")) == pytest.approx(config.repetition_penalty)
+    assert page.is_hidden("#key_field")  # this server has no --api_key
+    # A turn the server refuses (longer than the context): shown as an error, never sent again.
+    page.fill("#max_tokens", "8")
+    page.fill("#input", "长" * 3000)
+    page.click("#send")
+    page.wait_for_selector(".message.error[data-done='true']", timeout=60_000)
+    assert "maximum context length" in page.inner_text(".message.error")
+    page.fill("#input", "你好")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll(\".message[data-done='true']\").length == 2", timeout=60_000)
+    assert sent[-1]["messages"] == [{"role": "user", "content": "你好"}]
+    assert sent[-1]["top_k"] == config.top_k and sent[-1]["max_tokens"] == 8
+    # The successful turn is history for the next one.
+    page.fill("#input", "再见")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll(\".message[data-done='true']\").length == 3", timeout=60_000)
+    assert [m["content"] for m in sent[-1]["messages"]][::2] == ["你好", "再见"]
+    page.close()
+
+
+def test_error_event_inside_a_stream_is_shown_and_not_history(browser, web_url):
+    """An OpenAI error event inside a 200 stream (e.g. a stuck or failed generation) is an error turn."""
+    page = browser.new_page()
+    sent = []
+
+    def fake_stream(route):
+        sent.append(json.loads(route.request.post_data))
+        if len(sent) == 1:
+            body = ('data: {"choices": [{"index": 0, "delta": {"content": "部分"}}]}\n\n'
+                    'data: {"error": {"message": "generation failed: boom", "type": "server_error"}}\n\n')
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+        else:
+            route.continue_()
+
+    page.route("**/v1/chat/completions", fake_stream)
+    page.goto(web_url + "/")
+    page.fill("#max_tokens", "4")
+    page.fill("#input", "第一句")
+    page.click("#send")
+    page.wait_for_selector(".message.error[data-done='true']", timeout=60_000)
+    assert "generation failed: boom" in page.inner_text(".message.error")
+    page.fill("#input", "第二句")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll(\".message[data-done='true']\").length == 2", timeout=60_000)
+    assert sent[-1]["messages"] == [{"role": "user", "content": "第二句"}]
     page.close()

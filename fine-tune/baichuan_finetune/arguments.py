@@ -21,6 +21,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from .attention import IMPLEMENTATIONS, check_available, check_model
 from .quantize import check_qlora_available
 
 PROG = "fine-tune.py"
@@ -34,11 +35,37 @@ class UsageError(Exception):
 # ----- the option dataclasses -----
 
 
+def _check_counts(t: "TrainingArguments") -> None:
+    """Counts that must be positive, and rates that must be finite: found now rather than as a
+    traceback from the sampler or the optimizer after data preparation and model loading."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"--{name} {value}: must be a whole number >= 1")
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        raise UsageError(f"--num_train_epochs {t.num_train_epochs}: must be > 0 (or give --max_steps N)")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate >= 0):
+        raise UsageError(f"--learning_rate {t.learning_rate}: must be a finite number >= 0")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise UsageError(f"--weight_decay {t.weight_decay}: must be a finite number >= 0")
+    if t.dataloader_num_workers < 0:
+        raise UsageError(f"--dataloader_num_workers {t.dataloader_num_workers}: must be >= 0")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        raise UsageError(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or unset)")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
         default="baichuan-inc/Baichuan2-7B-Base",
         metadata={"help": "Base model directory (or hub id) in the official Baichuan2 layout."},
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel: sdpa (default, also CPU), eager, flex_attention (GPU training; "
+                          "block-sparse packed rows, ALiBi without a bias tensor), flash_attention_2 (flash-attn, "
+                          "GPU; padding-free, ALiBi slopes), xformers (GPU; RoPE models only).",
+                  "choices": list(IMPLEMENTATIONS)},
     )
 
 
@@ -163,6 +190,51 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Weight of the z-loss (mean squared log-partition of the logits) added to the "
                           "cross-entropy (default: the base model config's z_loss_weight)."},
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "HF's default True logs a NaN/inf loss as the running average (or 0); ours logs it "
+                          "as it is, and a non-finite loss stops the run anyway."},
+    )
+    allow_longer_than_trained: bool = field(
+        default=False,
+        metadata={"help": "Allow --model_max_length beyond a RoPE base model's max_position_embeddings "
+                          "(positions it was never trained on); ALiBi models need no permission."},
+    )
+    skip_memory_check: bool = field(
+        default=False,
+        metadata={"help": "Do not print the memory planner's predicted peak at start, nor warn when it "
+                          "exceeds the device memory (see scripts/plan.py)."},
+    )
+    # Preference tuning (docs/preference.md); names follow LLaMA-Factory.
+    stage: str = field(
+        default="sft",
+        metadata={"help": "'sft': supervised fine-tuning; 'dpo': preference tuning on chosen/rejected pairs "
+                          "(the loss is --pref_loss).", "choices": ["sft", "dpo"]},
+    )
+    pref_loss: str = field(
+        default="sigmoid",
+        metadata={"help": "Preference loss of --stage dpo: sigmoid (DPO), ipo, orpo or simpo (the last two "
+                          "need no reference model).", "choices": ["sigmoid", "ipo", "orpo", "simpo"]},
+    )
+    pref_beta: float = field(
+        default=0.1, metadata={"help": "beta of DPO/IPO/SimPO (IPO's tau), ORPO's lambda."}
+    )
+    pref_ftx: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a supervised loss (per-token NLL of the chosen answer) added to the "
+                          "preference loss."},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin gamma."})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Conservative DPO: the assumed share of flipped preference labels, in [0, 0.5) "
+                          "(--pref_loss sigmoid only; unrelated to --label_smoothing_factor)."},
+    )
+    precompute_ref_logps: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference log-probs of every pair once before training (no reference "
+                          "model held during training; resumption exact)."},
+    )
 
     def __post_init__(self) -> None:
         # Ours first: transformers' own checks below may already set up devices.
@@ -172,6 +244,11 @@ class TrainingArguments(transformers.TrainingArguments):
             raise UsageError(f"--z_loss_weight {self.z_loss_weight}: must be a finite number >= 0")
         if self.fp16 and self.use_cpu:
             raise UsageError("--fp16 True needs a GPU; use --bf16 True or fp32 on CPU")
+        _check_counts(self)
+        _check_preference(self)
+        # Before transformers reads the DeepSpeed file itself (a JSON list, a bad file, or batch sizes that
+        # disagree with the flags would otherwise fail there or only after the model is loaded).
+        check_deepspeed_config(self)
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise UsageError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
@@ -180,6 +257,36 @@ class TrainingArguments(transformers.TrainingArguments):
             if self.warmup_ratio:
                 self.warmup_steps = self.warmup_ratio
         super().__post_init__()
+
+
+def _check_preference(t: "TrainingArguments") -> None:
+    """The preference flags: values, and no preference flag without --stage dpo."""
+    for name, allowed in (("stage", ("sft", "dpo")), ("pref_loss", ("sigmoid", "ipo", "orpo", "simpo"))):
+        if getattr(t, name) not in allowed:
+            raise UsageError(f"--{name} {getattr(t, name)!r}: not one of {', '.join(allowed)}")
+    for name in ("pref_beta", "pref_ftx", "simpo_gamma", "label_smoothing"):
+        if not math.isfinite(getattr(t, name)):
+            raise UsageError(f"--{name} {getattr(t, name)}: must be a finite number")
+    if t.pref_beta <= 0:
+        raise UsageError(f"--pref_beta {t.pref_beta}: must be > 0")
+    if t.pref_ftx < 0:
+        raise UsageError(f"--pref_ftx {t.pref_ftx}: must be >= 0")
+    if not 0 <= t.label_smoothing < 0.5:
+        raise UsageError(f"--label_smoothing {t.label_smoothing}: must be in [0, 0.5)")
+    if t.stage != "dpo":
+        defaults = {"pref_loss": "sigmoid", "pref_beta": 0.1, "pref_ftx": 0.0, "simpo_gamma": 0.5,
+                    "label_smoothing": 0.0, "precompute_ref_logps": False}
+        changed = [k for k, v in defaults.items() if getattr(t, k) != v]
+        if changed:
+            raise UsageError(f"--{changed[0]}: a preference flag; add --stage dpo")
+        return
+    if t.label_smoothing and t.pref_loss != "sigmoid":
+        raise UsageError(f"--label_smoothing: conservative DPO applies to --pref_loss sigmoid, not {t.pref_loss}")
+    if t.label_smoothing_factor:
+        raise UsageError("--label_smoothing_factor: smooths token labels, which --stage dpo does not train on; "
+                         "use --label_smoothing (conservative DPO)")
+    if t.z_loss_weight:
+        raise UsageError("--z_loss_weight: not used by --stage dpo (the preference loss has no z-loss)")
 
 
 @dataclass
@@ -309,23 +416,122 @@ def parse_args(argv: Sequence[str] | None = None) -> Arguments:
 
 
 def deepspeed_config(training: TrainingArguments) -> dict | None:
-    """The ``--deepspeed`` config as a dict (None without one); `UsageError` when unreadable."""
+    """The ``--deepspeed`` config as a dict (None without one); `UsageError` when unreadable, not JSON
+    or not a JSON object."""
     ds = training.deepspeed
     if not ds:
         return None
     if isinstance(ds, dict):
         return ds
     try:
-        return json.loads(Path(ds).read_text())
+        config = json.loads(Path(ds).read_text())
     except OSError as e:
         raise UsageError(f"--deepspeed {ds}: cannot read: {e.strerror or e}") from None
-    except ValueError as e:
-        raise UsageError(f"--deepspeed {ds}: not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, pathological nesting
+        raise UsageError(f"--deepspeed {ds}: not valid JSON: {' '.join(str(e).split()) or 'nested too deeply'}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--deepspeed {ds}: expected a JSON object of DeepSpeed options, not a JSON "
+                         f"{type(config).__name__}")
+    return config
+
+
+# The DeepSpeed batch options and the flags they must equal when given as numbers ("auto" takes the flags).
+_DS_BATCH_FLAGS = {"train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
+                   "gradient_accumulation_steps": "--gradient_accumulation_steps"}
+
+
+def check_deepspeed_config(training: TrainingArguments) -> None:
+    """The ``--deepspeed`` file: a JSON object, a ZeRO stage 0-3, and batch sizes that agree with the flags.
+
+    Transformers fills ``"auto"`` values from the flags and refuses numbers that differ, but only once the
+    model is loaded; the total ``train_batch_size`` is checked against this launch's ``WORLD_SIZE``.
+    """
+    config = deepspeed_config(training)
+    if config is None:
+        return
+    ds = training.deepspeed if isinstance(training.deepspeed, str) else "config"
+    zero = config.get("zero_optimization", {})
+    if zero is not None and not isinstance(zero, dict):
+        raise UsageError(f"--deepspeed {ds}: \"zero_optimization\" must be a JSON object")
+    stage = (zero or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise UsageError(f"--deepspeed {ds}: \"zero_optimization.stage\" {json.dumps(stage)}: must be 0, 1, 2 or 3")
+    wanted = {"train_micro_batch_size_per_gpu": training.per_device_train_batch_size,
+              "gradient_accumulation_steps": training.gradient_accumulation_steps}
+    try:
+        world_size = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        world_size = 1
+    wanted["train_batch_size"] = (training.per_device_train_batch_size * training.gradient_accumulation_steps
+                                  * world_size)
+    for key, expected in wanted.items():
+        value = config.get(key, "auto")
+        if value == "auto" or value is None:
+            continue
+        if key == "train_batch_size":
+            how = (f"--per_device_train_batch_size {training.per_device_train_batch_size} x "
+                   f"--gradient_accumulation_steps {training.gradient_accumulation_steps} x {world_size} "
+                   f"process(es) = {expected}")
+        else:
+            how = f"{_DS_BATCH_FLAGS[key]} {expected}"
+        if isinstance(value, bool) or not isinstance(value, int) or value != expected:
+            raise UsageError(f"--deepspeed {ds}: \"{key}\" {json.dumps(value)} disagrees with {how}: "
+                             "set it to \"auto\" or change the flag")
+
+
+def _check_attention(model: ModelArguments, t: TrainingArguments) -> None:
+    """--attn_implementation: a known kernel, installed and able to train on this device (and, for a
+    local model directory, able to compute its position scheme), before any model is loaded."""
+    device = "cpu" if t.use_cpu or not torch.cuda.is_available() else "cuda"
+    try:
+        check_available(model.attn_implementation, device, training=True)
+        config_file = Path(model.model_name_or_path) / "config.json"
+        if model.attn_implementation == "xformers" and config_file.is_file():
+            from .configuration_baichuan import BaichuanConfig
+
+            check_model(model.attn_implementation, BaichuanConfig.from_pretrained(model.model_name_or_path))
+    except ValueError as err:
+        raise UsageError(f"--attn_implementation {model.attn_implementation}: {err}") from None
+
+
+# What to install for each --report_to integration of transformers (named in the one-line error).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "neptune": "neptune", "clearml": "clearml", "dagshub": "dagshub mlflow", "dvclive": "dvclive",
+                    "swanlab": "swanlab", "trackio": "trackio", "codecarbon": "codecarbon", "azure_ml": "azureml-core",
+                    "flyte": "flytekit flytekitplugins-deck-standard"}
+
+
+def _check_trackers(t: TrainingArguments) -> None:
+    """--report_to: every named tracker is one transformers knows and its package is installed, so a
+    missing one fails here in one line, not as a traceback when the Trainer is built after data
+    preparation and model loading."""
+    from transformers.integrations import integration_utils as tracking
+
+    names = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
+    available = set(tracking.get_available_reporting_integrations())
+    if tracking.is_flyte_deck_standard_available():
+        available.add("flyte")
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in tracking.INTEGRATION_TO_CALLBACK:
+            raise UsageError(f"--report_to {name}: unknown tracker (known: none, all, "
+                             f"{', '.join(sorted(tracking.INTEGRATION_TO_CALLBACK))})")
+        if name not in available:
+            need = (f"pip install {TRACKER_PACKAGES[name]}" if name in TRACKER_PACKAGES
+                    else "see the transformers documentation of this integration")
+            raise UsageError(f"--report_to {name}: not available on this machine ({need}); "
+                             "tensorboard is in requirements.txt, or use --report_to none")
 
 
 def validate(args: Arguments) -> None:
     """What one dataclass cannot check alone: the DeepSpeed config file, QLoRA with it and on this machine."""
     t, lora = args.training, args.lora
+    _check_attention(args.model, t)
+    _check_trackers(t)
+    if t.stage == "dpo" and args.data.packing:
+        raise UsageError("--packing True: not supported with --stage dpo (a batch pairs each chosen answer "
+                         "with its rejected one)")
     zero = (deepspeed_config(t) or {}).get("zero_optimization", {}) or {}
     if lora.q_lora:
         if zero.get("stage") == 3:

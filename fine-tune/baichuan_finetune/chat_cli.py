@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from transformers import GenerationConfig
 
@@ -88,3 +89,16 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="default: the generation config's (0.3)")
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
+
+
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """Refuse generation flags that would start the chat and fail (or silently misbehave) later.
+
+    Raises ``ValueError`` with one line naming the flag.
+    """
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: expected a number >= 1")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ValueError(f"--top_p {args.top_p}: expected a number in (0, 1]")

@@ -10,6 +10,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .data_stats import format_example, padding_efficiency
+from .modeling_baichuan import IGNORE_INDEX
 from .preprocess import DataOptions, prepare_data
 from .records import DataError
 
@@ -57,4 +58,29 @@ def inspect_data(
             for row in prepared.train_dataset:
                 f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
         parts.append(f"wrote {len(prepared.train_dataset)} examples to {dump}")
+    return "\n".join(parts)
+
+
+def inspect_pairs(data_args: Any, tokenizer: Any, model_max_length: int, preview: int = 3, color: bool = False) -> str:
+    """What `--stage dpo` reads: the pair report, then the first pairs as prompt, chosen and rejected,
+    the scored tokens of each answer marked as supervised text is (``[[ ]]`` or green).
+
+    Raises `DataError` as `preference_data.prepare_pairs` does.
+    """
+    from .preference_data import prepare_pairs
+
+    prepared = prepare_pairs(data_args, tokenizer, model_max_length)
+    sp = getattr(tokenizer, "sp_model", tokenizer)
+    parts = [prepared.report.format()]
+    for i in range(min(preview, len(prepared.train_dataset))):
+        row = prepared.train_dataset[i]
+        ids, labels = row["chosen_input_ids"], row["chosen_labels"]
+        # The answer starts at its assistant role token, just before the first scored label.
+        start = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX) - 1
+        parts.append(f"--- pair {i} (chosen {len(ids)} tokens, rejected {len(row['rejected_input_ids'])}; scored in "
+                     f"{'green' if color else '[[ ]]'}) ---")
+        parts.append("prompt:" + format_example(sp, ids[:start], labels[:start], color))
+        for side in ("chosen", "rejected"):
+            side_ids, side_labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            parts.append(f"{side}:" + format_example(sp, side_ids[start:], side_labels[start:], color))
     return "\n".join(parts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ CMMLU_SUBJECTS_ZH = {
 }
 
 
+class EvalDataError(ValueError):
+    """A question file that cannot be evaluated (bad answer, missing column, unreadable); one line."""
+
+
 @dataclass
 class Item:
     question: str
@@ -81,6 +86,8 @@ class SubjectResult:
     shots_dropped: int = 0  # prompts that did not fit with all k shots
     truncated: int = 0  # prompts cut from the left even with 0 shots
     predictions: list[str] = field(default_factory=list)
+    items: list = field(default_factory=list)
+    layout: str = ""
 
     @property
     def accuracy(self) -> float:
@@ -111,13 +118,16 @@ def _answer_index(value: str, answer_format: str, where: str) -> int | None:
     elif value.upper() in LETTERS:
         return LETTERS.index(value.upper())
     expected = "0-3" if answer_format == "index" else "A-D"
-    raise ValueError(f"{where}: answer {value!r} is not {expected} (see --answer_format)")
+    raise EvalDataError(f"{where}: answer {value!r} is not {expected} (see --answer_format)")
 
 
 def read_items(path: Path, columns: dict[str, str], answer_format: str = "letter", header: bool = True) -> list[Item]:
     """Questions of one CSV file; column names match case-insensitively (CMMLU's unnamed index is ignored)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EvalDataError(f"{path}: not a UTF-8 CSV file ({type(e).__name__}: {e})") from None
     if not rows:
         return []
     if header:
@@ -128,13 +138,13 @@ def read_items(path: Path, columns: dict[str, str], answer_format: str = "letter
         if column.isdigit():
             index[key] = int(column)
         elif not header:
-            raise ValueError(f"{path}: without a header row, --columns must give positions (got {key}={column})")
+            raise EvalDataError(f"{path}: without a header row, --columns must give positions (got {key}={column})")
         elif column.lower() in names:
             index[key] = names.index(column.lower())
         elif key == "answer":
             index[key] = None  # e.g. C-Eval test: no answers
         else:
-            raise ValueError(f"{path}: no column {column!r} for {key} (columns: {', '.join(names)}); see --columns")
+            raise EvalDataError(f"{path}: no column {column!r} for {key} (columns: {', '.join(names)}); see --columns")
     items = []
     for n, row in enumerate(rows, start=2 if header else 1):
         if not any(cell.strip() for cell in row):
@@ -143,8 +153,122 @@ def read_items(path: Path, columns: dict[str, str], answer_format: str = "letter
         answer = None
         if index["answer"] is not None and index["answer"] < len(row):
             answer = _answer_index(row[index["answer"]], answer_format, where)
+        needed = max(index[k] for k in ("question", *LETTERS))
+        if needed >= len(row):
+            raise EvalDataError(f"{where}: {len(row)} column(s), the question and options need {needed + 1}")
         items.append(Item(row[index["question"]], tuple(row[index[k]] for k in LETTERS), answer))
     return items
+
+
+# ----- layouts: detected per file, so the common benchmarks need no layout flags -----
+
+QUESTION_SUFFIXES = (".csv", ".json", ".jsonl")
+MMLU_CHOICES = ("choice0", "choice1", "choice2", "choice3")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one question file is read: its kind, CSV columns (names or positions), answers, header."""
+
+    kind: str  # "C-Eval CSV", "CMMLU CSV", "MMLU CSV", "MMLU CSV (no header)", "MMLU JSON"
+    columns: dict = field(default_factory=lambda: dict(DEFAULT_COLUMNS), hash=False)
+    answer_format: str = "letter"  # letter A-D | index 0-3 | auto (JSON: either)
+    header: bool = True
+    prompt_style: str = "zh"
+
+
+def _json_records(path: Path) -> list:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, list) else [data]
+
+
+def detect_layout(path: Path) -> Layout:
+    """The layout of one question file from its header or first record; `EvalDataError` (one line,
+    naming the file and what was found) when it is none of the known ones or could be several."""
+    path = Path(path)
+    if path.suffix in (".json", ".jsonl"):
+        records = _json_records(path)
+        first = records[0] if records else {}
+        keys = sorted(first) if isinstance(first, dict) else []
+        if isinstance(first, dict) and "question" in first and isinstance(first.get("choices"), list):
+            return Layout("MMLU JSON", answer_format="auto", prompt_style="en")
+        raise EvalDataError(f"{path}: unknown multiple-choice layout (first record keys: {', '.join(keys) or 'none'}); "
+                            "expected question, choices (a list of 4) and answer (index or letter)")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EvalDataError(f"{path}: not a UTF-8 CSV file ({type(e).__name__}: {e})") from None
+    names = [name.strip().lower() for name in first]
+    found = ", ".join(repr(n) for n in first) or "none"
+    letters = {"question", "a", "b", "c", "d"}
+    if letters <= set(names) and not set(MMLU_CHOICES) & set(names):
+        if len([n for n in names if n in letters | {"answer"}]) != len({n for n in names if n in letters | {"answer"}}):
+            raise EvalDataError(f"{path}: ambiguous layout: a column name repeats (columns: {found}); use --columns")
+        kind = "CMMLU CSV" if names and names[0] == "" else "C-Eval CSV"
+        return Layout(kind)
+    if "question" in names and set(MMLU_CHOICES) <= set(names) and not {"a", "b", "c", "d"} & set(names):
+        columns = {"question": "question", **dict(zip(LETTERS, MMLU_CHOICES)), "answer": "answer"}
+        return Layout("MMLU CSV", columns, answer_format="index", prompt_style="en")
+    # The original MMLU files: no header, question, 4 options, answer letter.
+    if len(first) == 6 and first[5].strip().upper() in LETTERS and "question" not in names:
+        columns = {"question": "0", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "5"}
+        return Layout("MMLU CSV (no header)", columns, header=False, prompt_style="en")
+    raise EvalDataError(
+        f"{path}: unknown multiple-choice layout (columns: {found}); expected C-Eval/CMMLU "
+        "(question,A,B,C,D,answer), MMLU (question,choice0..choice3,answer index, or no header), or give --columns")
+
+
+def read_json_items(path: Path) -> list[Item]:
+    """Questions of an MMLU/HF-style JSON or JSONL file: ``question``, ``choices`` (4), ``answer`` (0-3 or A-D)."""
+    items = []
+    for n, record in enumerate(_json_records(path), start=1):
+        where = f"{path}: record {n}"
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise EvalDataError(f"{where}: no question text")
+        choices = record.get("choices")
+        if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+            raise EvalDataError(f"{where}: choices must be a list of 4 texts")
+        value = record.get("answer")
+        if value is None or value == "":
+            answer = None
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
+            answer = value
+        elif isinstance(value, str) and value.strip().upper() in LETTERS:
+            answer = LETTERS.index(value.strip().upper())
+        elif isinstance(value, str) and value.strip() in ("0", "1", "2", "3"):
+            answer = int(value.strip())
+        else:
+            raise EvalDataError(f"{where}: answer {value!r} is not 0-3 or A-D")
+        items.append(Item(record["question"], tuple(choices), answer))
+    return items
+
+
+def read_task_file(path: Path, layout: Layout) -> list[Item]:
+    """Questions of one file in `layout` (CSV or JSON)."""
+    if layout.kind == "MMLU JSON":
+        return read_json_items(path)
+    return read_items(path, layout.columns, layout.answer_format, layout.header)
+
+
+def file_layout(path: Path, columns: dict | None = None, answer_format: str | None = None,
+                header: bool | None = None) -> Layout:
+    """`detect_layout`, unless the layout flags (``--columns``/``--answer_format``/``--no_header``) say it."""
+    if columns is None and answer_format is None and header is None:
+        return detect_layout(path)
+    return Layout("given by flags", columns or dict(DEFAULT_COLUMNS), answer_format or "letter",
+                  True if header is None else header)
+
+
+def question_files(folder: Path) -> dict[str, Path]:
+    """Subject -> question file (CSV, JSON or JSONL) of one split folder."""
+    return {subject_of(p): p for p in sorted(folder.glob("*")) if p.suffix in QUESTION_SUFFIXES and p.is_file()}
 
 
 def subject_of(path: Path) -> str:
@@ -254,40 +378,46 @@ def evaluate_task(
     subjects: list[str] | None = None,
     limit: int | None = None,
     columns: dict[str, str] | None = None,
-    answer_format: str = "letter",
-    prompt_style: str = "zh",
+    answer_format: str | None = None,
+    prompt_style: str | None = None,
     batch_size: int = 8,
-    header: bool = True,
+    header: bool | None = None,
     max_length: int | None = None,
 ) -> dict:
-    """Per-subject and average accuracy on ``task_dir`` (``dev/`` + ``val/`` or ``test/``)."""
+    """Per-subject and average accuracy on ``task_dir`` (``dev/`` + ``val/`` or ``test/``).
+
+    Each file's layout is detected (`detect_layout`) unless `columns`, `answer_format` or `header`
+    is given; the prompt style follows the layout (zh for C-Eval/CMMLU, en for MMLU) unless given.
+    """
     task_dir = Path(task_dir)
-    columns = columns or dict(DEFAULT_COLUMNS)
-    style = PROMPT_STYLES[prompt_style]
     split_dir = find_split(task_dir, split)
-    names = subject_names(task_dir, prompt_style)
-    letter_ids = letter_token_ids(tokenizer, style)
-    max_length = max_length or chat_model(model).config.model_max_length
-    files = {subject_of(p): p for p in sorted(split_dir.glob("*.csv"))}
+    files = question_files(split_dir)
     if subjects:
         missing = sorted(set(subjects) - set(files))
         if missing:
             raise FileNotFoundError(f"no {split_dir.name} file for subjects {', '.join(missing)}")
         files = {s: files[s] for s in subjects}
     if not files:
-        raise FileNotFoundError(f"no CSV files in {split_dir}")
-    dev_files = {subject_of(p): p for p in sorted((task_dir / "dev").glob("*.csv"))} if shots else {}
+        raise FileNotFoundError(f"no question files (CSV, JSON, JSONL) in {split_dir}")
+    layouts = {s: file_layout(p, columns, answer_format, header) for s, p in files.items()}
+    prompt_style = prompt_style or next(iter(layouts.values())).prompt_style
+    style = PROMPT_STYLES[prompt_style]
+    names = subject_names(task_dir, prompt_style)
+    letter_ids = letter_token_ids(tokenizer, style)
+    max_length = max_length or chat_model(model).config.model_max_length
+    dev_files = question_files(task_dir / "dev") if shots else {}
     started = time.perf_counter()
     results = []
     for subject, path in files.items():
-        items = read_items(path, columns, answer_format, header)[:limit]
+        items = read_task_file(path, layouts[subject])[:limit]
         if any(item.answer is None for item in items):
             raise ValueError(f"{path}: some questions have no answer; evaluate a split with answers (--split)")
         dev = []
         if shots:
             if subject not in dev_files:
                 raise FileNotFoundError(f"{task_dir / 'dev'} has no file for {subject} ({shots}-shot needs one)")
-            dev = read_items(dev_files[subject], columns, answer_format, header)[:shots]
+            dev_path = dev_files[subject]
+            dev = read_task_file(dev_path, file_layout(dev_path, columns, answer_format, header))[:shots]
         result = SubjectResult(subject, names.get(subject, subject.replace("_", " ")))
         prompts = []
         for item in items:
@@ -299,6 +429,8 @@ def evaluate_task(
         result.total = len(items)
         result.correct = sum(p == item.answer for p, item in zip(predictions, items))
         result.predictions = [LETTERS[p] for p in predictions]
+        result.items = items
+        result.layout = layouts[subject].kind
         results.append(result)
     total = sum(r.total for r in results)
     return {
@@ -308,7 +440,10 @@ def evaluate_task(
         "prompt_style": prompt_style,
         "subjects": {
             r.subject: {"name": r.name, "accuracy": r.accuracy, "correct": r.correct, "total": r.total,
-                        "shots_dropped": r.shots_dropped, "truncated": r.truncated, "predictions": r.predictions}
+                        "shots_dropped": r.shots_dropped, "truncated": r.truncated, "predictions": r.predictions,
+                        "layout": r.layout, "file": str(files[r.subject]),
+                        "targets": [LETTERS[item.answer] for item in r.items],
+                        "questions": [{"question": item.question, "choices": list(item.options)} for item in r.items]}
             for r in results
         },
         "average_accuracy": sum(r.accuracy for r in results) / len(results),  # mean over subjects
@@ -332,20 +467,156 @@ def format_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def layout_flags(args) -> tuple[dict | None, str | None, bool | None]:
+    """(columns, answer_format, header) as given on the command line; all None: detect each file's layout."""
+    columns = parse_columns(args.columns) if args.columns else None
+    return columns, getattr(args, "answer_format", None), (False if getattr(args, "no_header", False) else None)
+
+
+def check_arguments(args) -> None:
+    """Everything ``scripts/evaluate.py`` can check before loading a model.
+
+    Raises ``ValueError`` (flags and paths: exit 2) or `EvalDataError` (the question files: exit 1),
+    one line each: numbers in range, the model directory loadable, the task layout, the subjects and
+    their dev files, every question file readable with the columns and answers asked for, and the
+    report's path.
+    """
+    from .loading import check_model_dir
+
+    for flag, value, least in (("--shots", args.shots, 0), ("--limit", args.limit, 1), ("--batch_size", args.batch_size, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: expected a number >= {least}")
+    columns, answer_format, header = layout_flags(args)
+    if getattr(args, "log_samples", False) and not args.output_json:
+        raise ValueError("--log_samples: needs --output_json (the samples go next to it)")
+    check_model_dir(args.model)
+    task_dir = Path(args.task_dir)
+    if not task_dir.is_dir():
+        raise ValueError(f"--task_dir {args.task_dir}: no such directory")
+    try:
+        split_dir = find_split(task_dir, args.split)
+    except FileNotFoundError as e:
+        raise ValueError(f"--task_dir/--split: {e}") from None
+    files = question_files(split_dir)
+    subjects = args.subjects.split(",") if args.subjects else sorted(files)
+    missing = sorted(set(subjects) - set(files))
+    if missing:
+        raise ValueError(f"--subjects: no {split_dir.name} file for {', '.join(missing)} in {split_dir}")
+    if not subjects:
+        raise ValueError(f"--task_dir {args.task_dir}: no question files (CSV, JSON, JSONL) in {split_dir}")
+    dev_dir = task_dir / "dev"
+    dev_files = question_files(dev_dir)
+    for subject in subjects:
+        items = read_task_file(files[subject], file_layout(files[subject], columns, answer_format, header))[: args.limit]
+        if any(item.answer is None for item in items):
+            raise EvalDataError(f"{files[subject]}: some questions have no answer; evaluate a split with answers (--split)")
+        if args.shots:
+            if subject not in dev_files:
+                raise ValueError(f"--shots {args.shots}: {dev_dir} has no file for {subject}")
+            read_task_file(dev_files[subject], file_layout(dev_files[subject], columns, answer_format, header))
+    if args.output_json:
+        out = Path(args.output_json)
+        if out.is_dir():
+            raise ValueError(f"--output_json {args.output_json}: is a directory")
+        parent = out.resolve().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"--output_json {args.output_json}: {parent} is a file")
+
+
 def run(args) -> dict:
-    """What ``scripts/evaluate.py`` does: load, evaluate, print the table, write the JSON."""
+    """What ``scripts/evaluate.py`` does: load, evaluate, print the table, write the JSON.
+
+    Call `check_arguments` first: it finds bad flags, paths and question files before the model loads.
+    """
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, quantization_bits=args.quantize)
+    columns, answer_format, header = layout_flags(args)
     report = evaluate_task(
         model, tokenizer, args.task_dir, shots=args.shots, split=args.split,
         subjects=args.subjects.split(",") if args.subjects else None, limit=args.limit,
-        columns=parse_columns(args.columns), answer_format=args.answer_format, prompt_style=args.prompt_style,
-        batch_size=args.batch_size, header=not args.no_header,
+        columns=columns, answer_format=answer_format, prompt_style=args.prompt_style,
+        batch_size=args.batch_size, header=header,
     )
     report["model"] = str(args.model)
     print(f"{report['shots']}-shot {report['split']} of {args.task_dir} with {args.model}:")
     print(format_table(report))
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        out = Path(args.output_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(harness_results(report, args), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.output_json}")
+        if getattr(args, "log_samples", False):
+            for subject, path in write_samples(report, out).items():
+                print(f"wrote {path}")
     return report
+
+
+def _stderr(correct: int, total: int) -> float:
+    """Standard error of the mean accuracy, as lm-evaluation-harness computes it (sample stdev / sqrt(n))."""
+    if total < 2:
+        return float("nan")
+    p = correct / total
+    return math.sqrt(p * (1 - p) * total / (total - 1) / total)
+
+
+def task_name(report: dict) -> str:
+    return Path(report["task_dir"]).resolve().name
+
+
+def harness_results(report: dict, args=None) -> dict:
+    """The report in lm-evaluation-harness's results shape: ``results`` (per subject task and the
+    group: ``acc,none`` and ``acc_stderr,none``; no ``acc_norm``, which needs scored option texts,
+    not letters), ``groups``, ``group_subtasks``, ``n-shot``, ``n-samples``, ``config``, plus our
+    per-subject details under ``baichuan_finetune``."""
+    group = task_name(report)
+    results, n_shot, n_samples = {}, {}, {}
+    for subject, r in report["subjects"].items():
+        task = f"{group}_{subject}"
+        results[task] = {"alias": f" - {subject}", "acc,none": r["accuracy"],
+                         "acc_stderr,none": _stderr(r["correct"], r["total"])}
+        n_shot[task] = report["shots"]
+        n_samples[task] = {"original": r["total"], "effective": r["total"]}
+    correct = sum(r["correct"] for r in report["subjects"].values())
+    total = report["questions"]
+    group_entry = {"alias": group, "acc,none": report["overall_accuracy"], "acc_stderr,none": _stderr(correct, total)}
+    config = {"model": "baichuan_finetune", "model_args": f"pretrained={report.get('model')}",
+              "batch_size": getattr(args, "batch_size", None), "limit": getattr(args, "limit", None),
+              "num_fewshot": report["shots"], "device": getattr(args, "device", None),
+              "dtype": getattr(args, "dtype", None), "quantize": getattr(args, "quantize", None),
+              "split": report["split"], "prompt_style": report["prompt_style"], "task_dir": report["task_dir"]}
+    return {
+        "results": {group: group_entry, **results},
+        "groups": {group: group_entry},
+        "group_subtasks": {group: sorted(results)},
+        "configs": {task: {"task": task, "num_fewshot": report["shots"], "output_type": "multiple_choice",
+                           "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                           "dataset_path": report["subjects"][task[len(group) + 1:]]["file"]}
+                    for task in results},
+        "versions": {task: 1.0 for task in [group, *results]},
+        "n-shot": n_shot,
+        "higher_is_better": {task: {"acc": True} for task in [group, *results]},
+        "n-samples": n_samples,
+        "config": config,
+        "date": time.time(),
+        "total_evaluation_time_seconds": str(report["seconds"]),
+        "baichuan_finetune": {k: v for k, v in report.items() if k != "subjects"} | {
+            "subjects": {s: {k: v for k, v in r.items() if k not in ("questions", "targets")}
+                         for s, r in report["subjects"].items()}},
+    }
+
+
+def write_samples(report: dict, output_json: Path) -> dict[str, Path]:
+    """``--log_samples``: one JSONL per subject task next to the results (``samples_<task>.jsonl``, as the
+    harness names them), a line per question: doc_id, doc (question, choices), target, prediction, acc."""
+    written = {}
+    group = task_name(report)
+    for subject, r in report["subjects"].items():
+        task = f"{group}_{subject}"
+        path = output_json.parent / f"samples_{task}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i, (doc, target, pred) in enumerate(zip(r["questions"], r["targets"], r["predictions"])):
+                f.write(json.dumps({"doc_id": i, "doc": doc, "target": target, "prediction": pred,
+                                    "acc": float(pred == target)}, ensure_ascii=False) + "\n")
+        written[subject] = path
+    return written

@@ -158,6 +158,8 @@ def stream_reply(
             try:
                 ids = streamer.queue.get(timeout=poll_seconds)
             except queue.Empty:
+                if not thread.is_alive() and streamer.queue.empty():
+                    break  # generate ended without its end() (cannot happen today): never wait forever
                 continue
             if ids is None:
                 break
@@ -192,7 +194,11 @@ def stream_reply(
     finally:
         if thread.is_alive() and reply.finish_reason != "stop" and not stopped_by_flag:
             stop_flag.set()  # an error in this thread: do not leave generate running
-        thread.join()
+        # A generator abandoned without close() is finalized by the garbage collector in whichever
+        # thread happens to run it, possibly generate's own: joining there raised "cannot join
+        # current thread" (the flag is set, so that thread ends by itself).
+        if thread is not threading.current_thread():
+            thread.join()
     if errors and not stopped_by_flag:
         raise errors[0]
     if reply.finish_reason is None:

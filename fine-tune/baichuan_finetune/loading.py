@@ -6,12 +6,18 @@ Three kinds of directory, told apart by their files:
   (our native classes, registered by importing this package);
 - a LoRA adapter: ``adapter_config.json`` present, loaded by ``peft.AutoPeftModelForCausalLM`` on
   top of the base named in ``base_model_name_or_path``.
+
+`check_model_dir` checks a directory before anything is loaded (valid JSON configs, weights present
+and structurally whole, a tokenizer, an adapter's base), so the tools fail in one line naming the
+file instead of in a traceback from deep inside a loader.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import baichuan_finetune  # noqa: F401  (registers our Auto classes)
 
+from .attention import check_available, kernel_name
 from .configuration_baichuan import chat_generation_config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,6 +34,159 @@ TOKENIZER_FILE = "tokenizer.model"
 # The one list of --dtype choices of every tool; "auto" keeps the dtype the weights are stored in.
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATION_BITS = (8, 4)
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+# ----- validation before loading: one line naming the file, never a traceback from deep in a loader -----
+
+
+class ModelDirError(ValueError):
+    """A directory a tool cannot load; the message is one line naming the flag or file."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, for errors reported as one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or `ModelDirError` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_weights_file(path: Path) -> None:
+    """Cheap structural check of one weights file (no tensor is read): a safetensors header whose
+    offsets end exactly at the end of the file, or a readable zip directory of a ``torch.save`` file.
+    Truncated, empty and random files fail here, in one line, rather than inside a loader."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if header_len <= 0 or 8 + header_len > size:
+                raise ModelDirError(f"{path}: not a safetensors file, or truncated ({size} bytes)")
+            try:
+                header = json.loads(f.read(header_len))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                raise ModelDirError(f"{path}: not a safetensors file (unreadable header)") from None
+        if 8 + header_len + end != size:
+            raise ModelDirError(f"{path}: truncated or corrupt: {size} bytes, its header describes {8 + header_len + end}")
+    elif not zipfile.is_zipfile(path):
+        raise ModelDirError(f"{path}: truncated or corrupt (not a readable torch.save archive, {size} bytes)")
+
+
+def _check_weights(model_dir: Path, names: tuple[str, ...], what: str) -> None:
+    present = [name for name in names if (model_dir / name).is_file()]
+    if not present:
+        raise ModelDirError(f"{model_dir}: no {what} weights ({', '.join(names)})")
+    name = present[0]
+    if name.endswith(".index.json"):
+        weight_map = read_json_object(model_dir / name).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelDirError(f"{model_dir / name}: no weight_map")
+        files = sorted(set(map(str, weight_map.values())))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise ModelDirError(f"{model_dir / name}: shard {missing[0]} is missing ({len(missing)} of {len(files)})")
+    else:
+        files = [name]
+    for f in files:
+        check_weights_file(model_dir / f)
+
+
+def resolve_base_dir(name_or_path: str, adapter_dir: Path) -> Path:
+    """The local directory of an adapter's base: a path, or a hub name already in the local cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:
+        raise ModelDirError(f"{adapter_dir / ADAPTER_CONFIG}: its base model {name_or_path} is not a directory "
+                            "here (nor in the local hub cache)") from None
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """``adapter_config.json`` of a LoRA adapter, checked: a JSON object, LoRA, with a base model."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    config = read_json_object(path)
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ModelDirError(f"{path}: no base_model_name_or_path")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelDirError(f"{path}: peft_type {config.get('peft_type')!r}, not a LoRA adapter")
+    return config
+
+
+def _check_full_model(model_dir: Path) -> None:
+    config = read_json_object(model_dir / "config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise ModelDirError(f"{model_dir / 'config.json'}: no model_type")
+    _check_weights(model_dir, WEIGHT_FILES, "model")
+
+
+def check_model_dir(path: str | os.PathLike, flag: str = "--model") -> str:
+    """Check that `path` is a directory the tools can load, before loading it; its kind (`model_kind`).
+
+    Config files must be valid JSON, weights present and structurally whole (shards of an index
+    included), a tokenizer at hand; for an adapter, its base model too. Raises `ModelDirError`.
+    """
+    model_dir = Path(path)
+    if not model_dir.exists():
+        raise ModelDirError(f"{flag} {path}: no such directory")
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{flag} {path}: not a directory")
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        config = read_adapter_config(model_dir)
+        _check_weights(model_dir, ADAPTER_WEIGHT_FILES, "LoRA adapter")
+        base_dir = resolve_base_dir(config["base_model_name_or_path"], model_dir)
+        if (base_dir / ADAPTER_CONFIG).is_file():
+            raise ModelDirError(f"{model_dir / ADAPTER_CONFIG}: its base model {base_dir} is itself an adapter")
+        if not (base_dir / "config.json").is_file():
+            raise ModelDirError(f"{model_dir / ADAPTER_CONFIG}: its base model {base_dir} has no config.json")
+        _check_full_model(base_dir)
+        if not (model_dir / TOKENIZER_FILE).is_file() and not (base_dir / TOKENIZER_FILE).is_file():
+            raise ModelDirError(f"{flag} {path}: no {TOKENIZER_FILE} here nor in its base model {base_dir}")
+        return "lora"
+    if (model_dir / "config.json").is_file():
+        _check_full_model(model_dir)
+        if not (model_dir / TOKENIZER_FILE).is_file():
+            raise ModelDirError(f"{flag} {path}: no {TOKENIZER_FILE} (the tokenizer)")
+        return "model"
+    raise ModelDirError(f"{flag} {path}: neither {ADAPTER_CONFIG} (LoRA adapter) nor config.json (model) found")
+
+
+class ToolArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: ...``), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def fail(self, message: str, code: int = 1):
+        """A fault found while working (the flags were fine): one line, exit `code`."""
+        self.exit(code, f"{self.prog}: error: {message}\n")
+
+
+def load_model_or_exit(parser: ToolArgumentParser, model_dir: str | Path, **kwargs):
+    """`load_model` for a tool: a failure that survived `check_model_dir` is one line, exit 1."""
+    try:
+        return load_model(model_dir, **kwargs)
+    except Exception as e:  # loaders raise OSError, ValueError, SafetensorError, RuntimeError...
+        parser.fail(f"cannot load {model_dir}: {one_line(e)}")
 
 
 def model_kind(model_dir: str | Path) -> str:
@@ -71,8 +231,13 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
     quantization_bits: int | None = None,
+    attn_implementation: str | None = None,
 ):
     """Model (a ``PeftModel`` for an adapter directory) and tokenizer, in eval mode.
+
+    ``attn_implementation`` is one of ``attention.IMPLEMENTATIONS`` (None: sdpa); one that cannot run
+    on ``device`` here raises ``ValueError`` (one line) before anything is loaded. Decoding with a
+    cache runs on sdpa for the kernels that cover only full sequences.
 
     ``quantization_bits`` (8 or 4) quantizes the linear layers with bitsandbytes after loading
     (LoRA adapters are merged first: quantized weights cannot take a LoRA delta).
@@ -80,20 +245,24 @@ def load_model(
     model_dir = Path(model_dir)
     kind = model_kind(model_dir)
     dtype = resolve_dtype(dtype)
+    # Without a device the weights stay where from_pretrained puts them: the CPU.
+    check_available(attn_implementation or "sdpa", torch.device(device or "cpu").type, training=False)
+    attention = {"attn_implementation": kernel_name(attn_implementation)}
     if kind == "lora":
         from peft import AutoPeftModelForCausalLM
         from peft.auto import get_default_import_allowlist
 
         # An adapter saved without task_type names its base class by module: allow ours.
         allowlist = [*get_default_import_allowlist(), "baichuan_finetune"]
-        model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, import_allowlist=allowlist)
+        model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, import_allowlist=allowlist,
+                                                         **attention)
         has_own = (model_dir / GENERATION_CONFIG).is_file()
         generation_source = model_dir if has_own else Path(adapter_base_dir(model_dir))
         model.get_base_model().generation_config = _load_generation_config(generation_source)
         if quantization_bits:
             model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **attention)
         model.generation_config = _load_generation_config(model_dir)
     if device:
         model.to(device)

@@ -13,7 +13,9 @@ the kernel ("sdpa", the default, and "eager" are defined here; any other name is
 ``ALL_ATTENTION_FUNCTIONS``). Besides the dense mask, every kernel receives the keyword arguments
 ``segment_ids`` (the 2-D mask ids, or None for plain causal rows), ``position_ids`` (restarting at
 each packed sequence) and ``alibi_slopes`` (float32 ``[heads]`` for ALiBi models, else None), so a
-kernel that works on sequence boundaries needs no change here.
+kernel that works on sequence boundaries needs no change here. A kernel function with the attribute
+``takes_segment_ids = True`` gets no dense mask at all (``attention_mask=None``) unless a cache holds
+past keys (then it gets the dense mask, e.g. to hand decoding to SDPA).
 
 With ``labels`` the model returns only the loss, computed by a ``head_loss`` callable inside the
 head (``baichuan_finetune.losses.CausalLMLoss`` in training); without one, a self-contained chunked
@@ -35,7 +37,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_baichuan import ALIBI, ROPE, BaichuanConfig
+from .configuration_baichuan import ROPE, BaichuanConfig
 from .tokenization_baichuan import build_chat_input
 
 # Label of a token that is not trained on (the PyTorch cross-entropy convention).
@@ -111,7 +113,8 @@ def attention_bias(
     """Mask for the last ``q_len`` queries over ``kv_len`` keys, built only as large as needed.
 
     Returns a bool mask ``[batch or 1, 1, q, k]`` (RoPE) or an additive float bias
-    ``[batch or 1, heads, q, k]`` in ``dtype`` (ALiBi: ``slope * (j - i)``).
+    ``[batch or 1, heads, q, k]`` in ``dtype`` (ALiBi: ``slope * (j - i)`` computed in float32 and
+    rounded once, as the official code does; a slope rounded to bf16 first has 2.4x its error).
     """
     k_idx = torch.arange(kv_len, device=device)
     q_idx = torch.arange(kv_len - q_len, kv_len, device=device)
@@ -122,9 +125,13 @@ def attention_bias(
         allowed = (allowed & same & (segments[:, None, :] != 0)) | (k_idx[None, :] == q_idx[:, None])[None]
     if slopes is None:
         return allowed[:, None]
-    distance = (k_idx[None, :] - q_idx[:, None]).to(dtype)
-    bias = slopes.to(dtype)[:, None, None] * distance  # [heads, q, k]
-    return bias[None].masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    distance = (k_idx[None, :] - q_idx[:, None]).float()
+    fill = torch.finfo(dtype).min
+    bias = torch.empty(allowed.shape[0], slopes.shape[0], q_len, kv_len, dtype=dtype, device=device)
+    # One head at a time: the float32 [q, k] product is the only temporary, never [heads, q, k] of it.
+    for head, slope in enumerate(slopes.float()):
+        bias[:, head] = (slope * distance).to(dtype).masked_fill(~allowed, fill)
+    return bias
 
 
 class MLP(nn.Module):
@@ -261,6 +268,16 @@ def _chunk_loss_terms(
     return ce_sum, logits.max(dim=-1).values.pow(2).sum()
 
 
+def supervised_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``hidden [N, H]`` and ``labels [N]`` whose label is not ``IGNORE_INDEX``.
+
+    Cross-entropy ignores the other rows, so the head need not compute their ``[vocab]`` logits;
+    their gradient is zero either way (the gather's backward scatters zeros there).
+    """
+    keep = labels != IGNORE_INDEX
+    return hidden[keep], labels[keep]
+
+
 def chunked_causal_lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -271,6 +288,7 @@ def chunked_causal_lm_loss(
     """Mean cross-entropy over supervised tokens of ``hidden @ normalize(weight).T``, plus z-loss.
 
     ``z_loss_weight * mean(max logit ** 2)`` over all tokens is added; an all-masked batch gives 0.
+    Without z-loss only the supervised tokens are computed (``supervised_rows``).
     The fallback head loss: the same value and gradients as ``losses.CausalLMLoss``, with only
     plain autograd. Each chunk of ``chunk_size`` tokens (default ``LOSS_CHUNK_SIZE``) is
     checkpointed, so its float32 ``[chunk, vocab]`` logits are freed at once and remade in backward.
@@ -278,6 +296,9 @@ def chunked_causal_lm_loss(
     chunk_size = chunk_size or LOSS_CHUNK_SIZE
     n_tokens = hidden.shape[0]
     n_supervised = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    if not z_loss_weight:
+        # Without z-loss an unsupervised token adds nothing: only supervised rows go through the head.
+        hidden, labels = supervised_rows(hidden, labels)
     inv_norm = 1.0 / torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).clamp_min(1e-12)
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     z_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -347,7 +368,8 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BaichuanLayer"]
     # Attention goes through the attention interface and keyword arguments reach the kernel.
-    # Flash and flex kernels are not declared: they would not apply the ALiBi bias or packed-row mask.
+    # transformers' own flash and flex kernels are not declared: they would not apply the ALiBi bias or
+    # the packed-row mask. Ours that do are registered under other names (baichuan_finetune.attention).
     _supports_attention_backend = True
     _supports_sdpa = True
     # Official 7B checkpoints may carry RoPE buffers; we compute them on the fly.
@@ -431,7 +453,11 @@ class BaichuanModel(BaichuanPreTrainedModel):
             slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), dtype=torch.float32, device=device)
 
         attn_mask = None
-        if segments is not None or slopes is not None or (q_len > 1 and past_len > 0):
+        # A kernel marked ``takes_segment_ids`` (FlexAttention, FlashAttention varlen) reads the sequence
+        # boundaries and slopes below instead of a dense mask, so none is built, except with cached past
+        # keys, where such a kernel hands the call to SDPA.
+        dense = not getattr(attention_function(self.config._attn_implementation), "takes_segment_ids", False)
+        if (dense or past_len > 0) and (segments is not None or slopes is not None or (q_len > 1 and past_len > 0)):
             attn_mask = attention_bias(segments, q_len, kv_len, inputs_embeds.dtype, device, slopes)
         # Sequence boundaries for kernels that use them instead of (or besides) the dense mask.
         kwargs.update(segment_ids=segments, position_ids=position_ids, alibi_slopes=slopes)
@@ -548,6 +574,18 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         except ImportError as exc:
             raise ImportError("quantize() needs bitsandbytes: pip install bitsandbytes") from exc
         compute_dtype = compute_dtype or self.dtype
+        if bits == 4 and self.device.type == "cpu":
+            # bitsandbytes' CPU 4-bit kernel on AVX512-BF16 CPUs packs weights in blocks of 32 output
+            # rows and 2 input columns; checked on every CPU so that the outcome never depends on it.
+            for index, layer in enumerate(self.model.layers):
+                for part, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+                    for name in LINEAR_LAYER_NAMES:
+                        linear = getattr(parent, name, None)
+                        if isinstance(linear, nn.Linear) and (linear.out_features % 32 or linear.in_features % 2):
+                            raise ValueError(
+                                f"quantize(4) on CPU: model.layers.{index}.{part}.{name} is {linear.in_features}->"
+                                f"{linear.out_features}; bitsandbytes' CPU 4-bit kernel needs out_features a "
+                                "multiple of 32 and in_features even (use 8 bits, or a CUDA device)")
         for layer in self.model.layers:
             for parent in (layer.self_attn, layer.mlp):
                 for name in LINEAR_LAYER_NAMES:

@@ -247,11 +247,14 @@ def _tokenize_to(out: Path, data_args: DataOptions, sp: Any, model_max_length: i
     read = read_records(data_args.data_path, data_args.on_bad_record)
     chunk = tokenize_conversations(read.conversations, sp, model_max_length, data_args.truncation, workers)
     if len(chunk.lengths) == 0:
-        report = _report(read, chunk, model_max_length, seed)
-        raise DataError(f"{data_args.data_path}: no example left to train on ({report.format()})")
+        # One line (the report's summary is several): what was read, skipped and dropped.
+        skipped = {**{f"bad: {r}": n for r, n in _count_reasons(read).items()}, **chunk.dropped}
+        counts = "".join(f", {n} {reason}" for reason, n in sorted(skipped.items()))
+        raise DataError(f"{data_args.data_path}: no example left to train on "
+                        f"({len(read.conversations) + len(read.bad_records)} record(s) read{counts})")
 
     if data_args.eval_data_path:
-        eval_read = read_records(data_args.eval_data_path, data_args.on_bad_record)
+        eval_read = read_records(data_args.eval_data_path, data_args.on_bad_record, what="eval data")
         eval_chunk = tokenize_conversations(eval_read.conversations, sp, model_max_length,
                                             data_args.truncation, workers)
         if len(eval_chunk.lengths) == 0:
@@ -306,13 +309,19 @@ def _write_arrow(table: pa.Table, path: Path) -> None:
         writer.write_table(table, max_chunksize=10_000)
 
 
+def _count_reasons(read: ReadResult) -> dict[str, int]:
+    """Skipped bad records by reason."""
+    bad: dict[str, int] = {}
+    for b in read.bad_records:
+        bad[b.reason] = bad.get(b.reason, 0) + 1
+    return bad
+
+
 def _report(
     read: ReadResult, chunk: EncodedChunk, model_max_length: int, seed: int, packed_rows: int | None = None
 ) -> DataReport:
     """Counts and batching efficiency of the kept examples; `packed_rows` when they were packed."""
-    bad: dict[str, int] = {}
-    for b in read.bad_records:
-        bad[b.reason] = bad.get(b.reason, 0) + 1
+    bad = _count_reasons(read)
     lengths = chunk.lengths
     starts = np.cumsum(lengths) - lengths
     supervised = int((chunk.labels != IGNORE_INDEX).sum()) - int((chunk.labels[starts] != IGNORE_INDEX).sum())

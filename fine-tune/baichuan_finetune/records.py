@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,12 @@ _OPENAI_ROLES = {"user": USER, "assistant": ASSISTANT}
 _OPENAI_EXPECTED = "system, user or assistant"
 
 MAX_LISTED_PROBLEMS = 20
+# Where a JSON text nested deeper than this fails to parse, its message points at the first place
+# deeper than this (Python's JSON reader recurses once per level and stops near 1000).
+DEEP_NESTING = 500
+# A lone UTF-16 surrogate (a "\ud800" JSON escape without its pair) is a valid Python str but no
+# Unicode text: sentencepiece cannot encode it (a TypeError naming no record) and UTF-8 cannot write it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -117,6 +124,11 @@ def _load_items(path: str) -> list[tuple[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            point = _deep_point(text)
+            where = f"{path} record {point[0]}: " if point else f"{path}: "
+            at = f" (more than {DEEP_NESTING} levels at line {point[1]} column {point[2]})" if point else ""
+            raise DataError(f"{where}JSON nested too deeply for the JSON reader{at}") from None
         if not data:
             raise DataError(f"{path}: empty file (an empty JSON array)")
         return [(f"{path} record {i}", item) for i, item in enumerate(data)]
@@ -130,14 +142,46 @@ def _load_items(path: str) -> list[tuple[str, Any]]:
             if lineno == 1 and stripped[0] == "{":
                 _reject_single_object(path, text)
             items.append((f"{path} line {lineno}", _Bad("", f"invalid JSON at column {e.colno}: {e.msg}", "invalid JSON")))
+        except RecursionError:
+            point = _deep_point(line)
+            at = f" (more than {DEEP_NESTING} levels at column {point[2]})" if point else ""
+            items.append((f"{path} line {lineno}", _Bad("", f"JSON nested too deeply for the JSON reader{at}",
+                                                        "invalid JSON")))
     return items
+
+
+def _deep_point(text: str) -> tuple[int, int, int] | None:
+    """(record of a JSON array, line, column) where `text` first nests deeper than DEEP_NESTING levels,
+    or None: where a text the JSON reader gave up on (RecursionError) is too deep."""
+    depth, record, line, line_start, in_string, escaped = 0, 0, 1, 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > DEEP_NESTING:
+                return record, line, i - line_start + 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 1:
+            record += 1
+        if ch == "\n":
+            line, line_start = line + 1, i + 1
+    return None
 
 
 def _reject_single_object(path: str, text: str) -> None:
     """A pretty-printed single JSON object (e.g. {"train": [...], "test": [...]}) is not a record file."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return
     if isinstance(data, dict):
         keys = ", ".join(list(data)[:8])
@@ -185,11 +229,13 @@ def read_file(path: str) -> ReadResult:
     return result
 
 
-def read_records(data_path: str, on_bad_record: Literal["error", "skip"] = "error") -> ReadResult:
+def read_records(data_path: str, on_bad_record: Literal["error", "skip"] = "error",
+                 what: str = "training data") -> ReadResult:
     """Read every file named by `data_path` (file, comma-separated files or directory).
 
     With ``on_bad_record="error"`` any bad record raises one `DataError` listing the first 20 problems and
     their count; with ``"skip"`` they are dropped and returned in `bad_records` (counted by reason).
+    `what` names the data in that message ("training data", "eval data").
     """
     result = ReadResult()
     for path in expand_data_paths(data_path):
@@ -198,17 +244,21 @@ def read_records(data_path: str, on_bad_record: Literal["error", "skip"] = "erro
         result.bad_records.extend(part.bad_records)
         result.formats.update(part.formats)
     if result.bad_records and on_bad_record == "error":
-        raise bad_records_error(result.bad_records)
+        raise bad_records_error(result.bad_records, what)
     return result
 
 
-def bad_records_error(bad: list[BadRecord]) -> DataError:
-    """One `DataError` listing the first MAX_LISTED_PROBLEMS problems and their count."""
+def bad_records_error(bad: list[BadRecord], what: str = "training data") -> DataError:
+    """One `DataError` listing the first MAX_LISTED_PROBLEMS problems and their count; a single problem
+    is one line."""
     problems = [str(b) for b in bad]
+    if len(problems) == 1:
+        return DataError(f"1 bad record in the {what}: {problems[0]} (use on_bad_record='skip' to drop it)",
+                         problems)
     lines = problems[:MAX_LISTED_PROBLEMS]
     more = f"\n  ... and {len(problems) - len(lines)} more" if len(problems) > len(lines) else ""
     msg = (
-        f"{len(problems)} bad record(s) in the training data (use on_bad_record='skip' to drop them):\n  "
+        f"{len(problems)} bad record(s) in the {what} (use on_bad_record='skip' to drop them):\n  "
         + "\n  ".join(lines)
         + more
     )
@@ -225,6 +275,9 @@ def _json_type(value: Any) -> str:
 
 def _text(value: Any, field: str, required: bool = True) -> str:
     if isinstance(value, str):
+        if (bad := _SURROGATE.search(value)) is not None:
+            raise _Bad(field, f"invalid Unicode: lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+                              "(an unpaired \\u escape)", "invalid Unicode")
         return value
     if value is None and not required:
         return ""

@@ -162,6 +162,36 @@ def build_chat_input(tokenizer, messages: list[dict], max_input_tokens: int | No
     return input_ids
 
 
+def chat_template(user_piece: str = "<reserved_106>", assistant_piece: str = "<reserved_107>") -> str:
+    """The chat format as a Jinja ``chat_template`` for ``tokenizer.apply_chat_template``.
+
+    Built from this module's layout (system text first, no role token; ``USER_ID`` + user text;
+    ``ASSISTANT_ID`` + assistant text; ``ASSISTANT_ID`` to ask for a reply), so it cannot drift from
+    `build_chat_input`. The template outputs text; the role pieces are user-defined sentencepiece
+    pieces, which the tokenizer maps back to 195/196 (``split_special_tokens`` only concerns the
+    added special tokens bos/eos/unk). Two differences from `build_chat_input`, documented in
+    docs/deploy.md: a role-piece string typed inside a message becomes a role id here (a text template
+    cannot respell it), and there is no truncation to ``model_max_length - max_new_tokens``.
+    """
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == '" + SYSTEM + "' -%}"
+        "{%- if not loop.first -%}{{ raise_exception('a system message may only come first') }}{%- endif -%}"
+        "{{ message['content'] }}"
+        "{%- elif message['role'] == '" + USER + "' -%}"
+        "{{ '" + user_piece + "' + message['content'] }}"
+        "{%- elif message['role'] == '" + ASSISTANT + "' -%}"
+        "{{ '" + assistant_piece + "' + message['content'] }}"
+        "{%- else -%}"
+        "{{ raise_exception('unknown role ' + message['role'] + ' (expected system, user or assistant)') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and (messages | length == 0 or messages[-1]['role'] != '" + ASSISTANT + "') -%}"
+        "{{ '" + assistant_piece + "' }}"
+        "{%- endif -%}"
+    )
+
+
 class BaichuanTokenizer(PreTrainedTokenizer):
     """Sentencepiece tokenizer with the Baichuan2 id layout (pad/unk 0, bos 1, eos 2)."""
 
@@ -191,6 +221,13 @@ class BaichuanTokenizer(PreTrainedTokenizer):
         self.sp_model.Load(vocab_file)
         # Text is never split on special-token strings: "</s>" written by a user is text.
         kwargs.setdefault("split_special_tokens", True)
+        # Every instance carries the chat format as a template unless a saved one is loaded, so every
+        # save_pretrained (tiny model, training output, adapter, merge, a user's own script) writes
+        # it, and an official directory loaded through this class gets one too.
+        if not kwargs.get("chat_template"):
+            kwargs["chat_template"] = chat_template(
+                self.sp_model.id_to_piece(USER_ID), self.sp_model.id_to_piece(ASSISTANT_ID)
+            ) if self.sp_model.get_piece_size() > ASSISTANT_ID else chat_template()
         super().__init__(
             unk_token=unk_token,
             bos_token=bos_token,

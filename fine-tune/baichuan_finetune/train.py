@@ -19,12 +19,16 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from . import saving
+from . import fingerprint, launch_guard, preflight, saving
+from .attention import kernel_name
 from .arguments import PROG, Arguments, LoraArguments, ModelArguments, TrainingArguments, UsageError, parse_args
+from .arguments import deepspeed_config
+from . import plan as memory_plan
 from .lora import add_lora
 from .quantize import quantization_config_for_qlora
 from .records import DataError
-from .trainer import BaichuanTrainer, plot_loss_curve, training_objective
+from .losses import training_objective
+from .trainer import BaichuanTrainer, plot_loss_curve
 
 logger = logging.getLogger("baichuan_finetune")
 
@@ -54,7 +58,8 @@ class TrainingMethod:
         t = args.training
         quantization = quantization_config_for_qlora(torch_dtype(t)) if self.name == "qlora" else None
         model = AutoModelForCausalLM.from_pretrained(
-            base_model_path(args.model), dtype=torch_dtype(t), cache_dir=t.cache_dir, quantization_config=quantization
+            base_model_path(args.model), dtype=torch_dtype(t), cache_dir=t.cache_dir, quantization_config=quantization,
+            attn_implementation=kernel_name(args.model.attn_implementation),
         )
         model.config.use_cache = False
         if self.is_adapter:
@@ -112,17 +117,25 @@ def resolve_resume(training: TrainingArguments) -> str | None:
             )
         return None
     if value in ("True", "true", "latest", "last"):
-        last = saving.last_complete_checkpoint(output_dir)
-        if last is None:
-            raise UsageError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
-        return str(last)
-    path = Path(value)
-    if not path.is_dir():
-        raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
-    if not saving.is_complete_checkpoint(path):
-        raise UsageError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no {saving.COMPLETE_MARKER}; "
-                         "its writing was interrupted); pick an earlier one")
-    return str(path)
+        # The newest complete checkpoint that validates; a damaged newer one is skipped, saying so.
+        damaged = []
+        for path in reversed(saving.complete_checkpoints(output_dir)):
+            problem = saving.validate_checkpoint(path)
+            if problem is None:
+                if damaged and training.process_index == 0:
+                    logger.warning("--resume_from_checkpoint %s: skipping damaged %s; resuming from %s instead",
+                                   value, "; ".join(damaged), path.name)
+                return str(path)
+            damaged.append(f"{path.name} ({problem})")
+        if damaged:
+            raise UsageError(f"--resume_from_checkpoint {value}: no loadable checkpoint in {output_dir}: "
+                             + "; ".join(damaged))
+        raise UsageError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
+    problem = saving.validate_checkpoint(value)
+    if problem is not None:
+        hint = "; pick an earlier one" if Path(value).is_dir() else ""
+        raise UsageError(f"--resume_from_checkpoint {value}: {problem}{hint}")
+    return str(value)
 
 
 def _setup_logging(training: TrainingArguments) -> None:
@@ -153,6 +166,30 @@ def run(args: Arguments, callbacks: Sequence[TrainerCallback] = ()) -> BaichuanT
         # Before the model is built: ZeRO-3 builds it inside zero.Init, which needs the process group.
         deepspeed.init_distributed(dist_backend="gloo" if t.use_cpu else "nccl")
 
+    # Output dir, model files, positions: checked before the lock creates output_dir, old checkpoints are
+    # deleted, data is prepared or the model loaded (each failure one line, nothing written).
+    preflight.check_run(args)
+    created = preflight.missing_dirs(t.output_dir)  # the lock makes them; a failed run removes them if empty
+    # One writer per output directory, from before anything in it is read or cleaned to the end of the run.
+    lock = saving.lock_output_dir(t.output_dir, is_global_main=t.process_index == 0)
+    ok = False
+    try:
+        trainer = _run_locked(args, method, callbacks)
+        ok = True
+        return trainer
+    finally:
+        lock.release()
+        if not ok and t.process_index == 0:
+            preflight.remove_empty_dirs(created)
+
+
+def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[TrainerCallback]) -> BaichuanTrainer:
+    t = args.training
+    if t.should_save:
+        saving.remove_leftovers(t.output_dir)  # of a killed run: set-aside checkpoints, a temporary final dir
+    if t.process_index == 0 and not t.skip_memory_check:
+        # Before data and model: an over-memory launch is flagged in seconds, not after loading.
+        memory_plan.report_launch(base_model_path(args.model), t, args.lora, args.data, deepspeed_config(t))
     resume = resolve_resume(t)
     if resume is None and t.overwrite_output_dir:
         if t.should_save and saving.list_checkpoints(t.output_dir):
@@ -164,13 +201,26 @@ def run(args: Arguments, callbacks: Sequence[TrainerCallback] = ()) -> BaichuanT
     tokenizer = load_tokenizer(args)
     from .preprocess import prepare_data
 
-    data = prepare_data(args.data, tokenizer, t.model_max_length, seed=t.seed)
+    if t.stage == "dpo":  # pairs: chosen and rejected answers to one prompt (docs/preference.md)
+        from .preference_data import prepare_pairs
+
+        data = prepare_pairs(args.data, tokenizer, t.model_max_length, seed=t.seed)
+    else:
+        data = prepare_data(args.data, tokenizer, t.model_max_length, seed=t.seed)
     if t.process_index == 0:
         print(data.report.format(), flush=True)
+    memory_plan.memory_probe_start()  # only with BAICHUAN_FINETUNE_MEMORY_LOG (scripts/benchmark_memory.py)
     model = method.load_model(args)
     base_config = model.config  # a PeftModel's is its base model's
 
-    trainer = BaichuanTrainer(
+    trainer_class, objective = BaichuanTrainer, {"head_loss": training_objective(t.z_loss_weight, base_config)}
+    if t.stage == "dpo":
+        from .preference import PreferenceTrainer, preference_options
+
+        # A full fine-tune's reference is a frozen copy of the base (LoRA: the adapters disabled).
+        trainer_class = PreferenceTrainer
+        objective = preference_options(t, lambda: TrainingMethod("full").load_model(args), method.is_adapter)
+    trainer = trainer_class(
         model=model,
         args=t,
         train_dataset=data.train_dataset,
@@ -178,7 +228,7 @@ def run(args: Arguments, callbacks: Sequence[TrainerCallback] = ()) -> BaichuanT
         data_collator=data.data_collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),
-        head_loss=training_objective(t.z_loss_weight, base_config),
+        **objective,
     )
     if resume:
         logger.info("Resuming from %s", resume)
@@ -188,15 +238,24 @@ def run(args: Arguments, callbacks: Sequence[TrainerCallback] = ()) -> BaichuanT
         trainer.evaluate()
     trainer.save_state()
 
-    method.save(trainer, t.output_dir)
-    if t.should_save:
-        base_dir = base_model_path(args.model)
+    trainer.check_finite_weights()  # never a non-finite final model
+    base_dir = base_model_path(args.model)
+
+    def finish(tmp: Path) -> None:
         saving.finish_output_dir(
-            t.output_dir, tokenizer, saving.output_generation_config(base_dir, t.model_max_length),
+            tmp, tokenizer, saving.output_generation_config(base_dir, t.model_max_length),
             # The model still takes the base's full context; a longer training length raises it.
             model_max_length=max(base_config.model_max_length, t.model_max_length),
             is_adapter=method.is_adapter,
         )
+        if method.is_adapter:  # lets merge_lora.py check that it merges into this very base
+            fingerprint.write_fingerprint(base_dir, tmp)
+
+    # Complete or clearly absent: written into a temporary directory, config.json/adapter_config.json moved last.
+    saving.save_final_output(t.output_dir, lambda tmp: method.save(trainer, str(tmp)), finish,
+                             is_main=t.should_save, is_adapter=method.is_adapter, step=trainer.state.global_step,
+                             needed=saving.parameter_bytes(trainer.model, trainable_only=method.is_adapter))
+    if t.should_save:
         plot_loss_curve(trainer.state.log_history, t.output_dir)
         # Counted since this process started (a resumed run counts only its own steps).
         (Path(t.output_dir) / "throughput.json").write_text(json.dumps(throughput, indent=2) + "\n")
@@ -210,9 +269,11 @@ def run(args: Arguments, callbacks: Sequence[TrainerCallback] = ()) -> BaichuanT
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     """Parse, train, save; the exit code (errors as one line on stderr, from the first process only)."""
+    launch_guard.guard_against_orphaning()  # first: a rank must not outlive its launcher, even while loading
     try:
         args = parse_args(argv)
         run(args, callbacks)
+        launch_guard.record_run_finished(args.training.output_dir, args.training.local_process_index)
     except UsageError as e:
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
@@ -220,6 +281,10 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     except DataError as e:
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(f"{PROG}: data error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except saving.RunError as e:  # diverged, disk full, output_dir in use
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

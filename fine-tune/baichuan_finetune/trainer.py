@@ -1,4 +1,5 @@
-"""The HF Trainer as we run it: our training objective, token counts and rates, complete checkpoints.
+"""The HF Trainer as we run it: our training objective, token counts and rates, checkpoints written as
+transactions (see `saving`), and a stop at the first non-finite loss, gradient norm or weight.
 
 `BaichuanTrainer` passes its `head_loss` (a `losses.CausalLMLoss`) into every model call; it reaches
 ``BaichuanForCausalLM.forward(..., head_loss=...)`` through a ``PeftModel`` and the DeepSpeed engine,
@@ -8,6 +9,8 @@ which pass keyword arguments on unchanged.
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,21 +19,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import saving
-from .losses import CausalLMLoss
 from .modeling_baichuan import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 
-def training_objective(z_loss_weight: float | None, model_config) -> CausalLMLoss:
-    """The loss the Trainer passes as `head_loss`: cross-entropy plus z-loss weighted by
-    ``--z_loss_weight``, or when that is None by the base model config's ``z_loss_weight``."""
-    return CausalLMLoss(z_loss_weight=model_config.z_loss_weight if z_loss_weight is None else z_loss_weight)
-
-
 class BaichuanTrainer(Trainer):
-    """The HF Trainer plus `head_loss` as the objective, tokens/s in every training log and checkpoints
-    marked complete."""
+    """The HF Trainer plus `head_loss` as the objective, tokens/s in every training log, checkpoints as
+    transactions and a stop at the first non-finite loss."""
 
     def __init__(self, *args, head_loss: Callable | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -40,6 +36,9 @@ class BaichuanTrainer(Trainer):
         self._interval: torch.Tensor | None = None
         self._total: torch.Tensor | None = None
         self._last_log_time: float | None = None
+        # This process's summed loss after the previous step, and the last step checked for divergence.
+        self._loss_before: torch.Tensor | None = None
+        self._checked_step = -1
         self.add_callback(_StartClock(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -103,14 +102,135 @@ class BaichuanTrainer(Trainer):
             "world_size": self.args.world_size,
         }
 
+    def _run_epoch(self, *args, **kwargs) -> None:
+        # Resumed from the checkpoint of the last step (a run killed while writing its final output): HF
+        # would skip the trained batches and then train one step past --max_steps. Nothing is left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
+    # ----- non-finite losses: stop, on every process, before anything non-finite is saved -----
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                 learning_rate=None) -> None:
+        # Called after every optimizer step (and again at an epoch's end, for the same step).
+        diverged = None
+        if self.state.global_step != self._checked_step:
+            self._checked_step = self.state.global_step
+            diverged = self._divergence(tr_loss, grad_norm)
+            if diverged is not None:
+                # Log this step as it is (nan, not the 0 HF's filter would show), evaluate and save nothing.
+                self.control.should_log = True
+                self.control.should_evaluate = False
+                self.control.should_save = False
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                         learning_rate=learning_rate)
+        self._loss_before = tr_loss.detach().clone()  # after the log's reset: the next step's baseline
+        if diverged is not None:
+            raise diverged
+
+    def _divergence(self, tr_loss: torch.Tensor, grad_norm) -> "TrainingDiverged | None":
+        """A `TrainingDiverged` when this step's loss (mean over processes) or the gradient norm is not
+        finite, else None. A collective, so that every process stops at the same step."""
+        before = self._loss_before if self._loss_before is not None else torch.zeros_like(tr_loss)
+        step_loss = (tr_loss.detach() - before).to(torch.float64)  # tr_loss sums the steps since the last log
+        # An fp16 overflow that the loss scaler skipped is routine, not divergence.
+        norm = 0.0 if grad_norm is None or self.accelerator.optimizer_step_was_skipped else grad_norm
+        values = torch.stack([step_loss.reshape(()).to(self.args.device),
+                              torch.as_tensor(norm, dtype=torch.float64, device=self.args.device).reshape(())])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)
+            values /= torch.distributed.get_world_size()
+        loss, norm = values.tolist()
+        if math.isfinite(loss) and math.isfinite(norm):
+            return None
+        return TrainingDiverged.at(self.state.global_step, f"loss {loss}, grad_norm {norm}", self.args)
+
+    def check_finite_weights(self) -> None:
+        """Raise `TrainingDiverged` unless every trainable weight (each process's ZeRO-3 partition) is
+        finite. A collective; run before every save, so that nothing non-finite is ever written."""
+        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())
+                     for p in self.model.parameters() if p.requires_grad)
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag)
+        if flag.item():
+            raise TrainingDiverged.at(self.state.global_step, "non-finite weights", self.args)
+
+    # ----- checkpoints as transactions -----
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        path = Path(self._get_output_dir(trial=trial)) / f"{saving.CHECKPOINT_PREFIX}-{self.state.global_step}"
-        # Every process has written its shards and RNG state before the marker says "complete".
+        """HF's checkpoint, made a transaction: old marker removed and old content set aside first, marker
+        (with the file list) written last after every process has saved, rotation only after that."""
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        path = saving.checkpoint_path(run_dir, step)
+        self.check_finite_weights()
+        main = self.args.should_save
+        previous = saving.last_complete_checkpoint(run_dir) if main else None
+        limit = self.args.save_total_limit
+        try:
+            if main:
+                saving.begin_checkpoint(path, step)
+                saving.fault("before_save", step, path)
+            self.accelerator.wait_for_everyone()  # nobody writes into path before the old one is gone
+            self.args.save_total_limit = None  # HF would rotate before our marker exists: we rotate below
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            # Every process has written its shards and RNG state before the marker says "complete".
+            self.accelerator.wait_for_everyone()
+            if main:
+                saving.fault("before_marker", step, path)
+                saving.mark_checkpoint_complete(path, step)
+        except Exception as e:
+            needed, basis = self._checkpoint_bytes_needed(previous)
+            if not saving.is_disk_full(e, path, needed):
+                raise
+            if main:
+                shutil.rmtree(path, ignore_errors=True)  # incomplete anyway; frees what it took
+            raise saving.disk_full_error(path.name, path, needed, basis, previous) from None
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            saving.mark_checkpoint_complete(path, self.state.global_step)
+        if main:
+            saving.fault("after_marker", step, path)
+            saving.rotate_checkpoints(run_dir, limit, keep=[path, self.state.best_model_checkpoint], step=step)
         self.accelerator.wait_for_everyone()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        saving.fault("after_weights", self.state.global_step, output_dir)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        saving.fault("after_optimizer", self.state.global_step, output_dir)
+        super()._save_rng_state(output_dir)
+
+    def _checkpoint_bytes_needed(self, previous: Path | None) -> tuple[int | None, str]:
+        """Bytes a checkpoint takes: the previous one's recorded size, else an estimate."""
+        if previous is not None and (size := saving.checkpoint_bytes(previous)):
+            return size, f"the size of {previous.name}"
+        adapter = hasattr(self.model, "peft_config")
+        weights = saving.parameter_bytes(self.model, trainable_only=adapter)
+        trainable = sum((getattr(p, "ds_numel", None) or p.numel()) for p in self.model.parameters() if p.requires_grad)
+        # AdamW's two fp32 moments, plus DeepSpeed's fp32 master copy.
+        per_param = 12 if self.is_deepspeed_enabled else 8
+        return weights + trainable * per_param, "estimated from the weights and AdamW states"
+
+
+class TrainingDiverged(saving.RunError):
+    """A non-finite loss, gradient norm or weight: the run stops (exit code 1) and saves nothing more."""
+
+    @classmethod
+    def at(cls, step: int, what: str, args) -> "TrainingDiverged":
+        last = saving.last_complete_checkpoint(args.output_dir)
+        where = (f"last complete checkpoint: {last} (from before the divergence)" if last is not None
+                 else "no checkpoint was saved")
+        clip = (f"a smaller --max_grad_norm (now {args.max_grad_norm:g})" if args.max_grad_norm > 0
+                else "gradient clipping (--max_grad_norm 1.0)")
+        return cls(f"training diverged at step {step}: {what}; nothing from this step on was saved, {where}. "
+                   f"Try a lower --learning_rate (now {args.learning_rate:g}), {clip}, or check the data and "
+                   "the base model's weights for NaN")
 
 
 class _StartClock(TrainerCallback):
@@ -145,6 +265,16 @@ def plot_loss_curve(log_history: list[dict], output_dir: str) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    # Preference runs (--stage dpo): reward accuracy and margin on a second axis.
+    rewards = [(name, [(h["step"], h[name]) for h in log_history if name in h])
+               for name in ("rewards/accuracies", "rewards/margins", "eval_rewards/accuracies")]
+    if any(points for _, points in rewards):
+        ax2 = ax.twinx()
+        for (name, points), style in zip(rewards, ("g--", "m:", "go")):
+            if points:
+                ax2.plot(*zip(*points), style, label=name)
+        ax2.set_ylabel("reward accuracy / margin")
+        ax2.legend(loc="center right")
     path = Path(output_dir) / "loss_curve.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,267 @@
+"""Checks of the files a run needs, made once before any data is read or model loaded.
+
+`arguments` checks what the flags say; this module checks what they point at on this machine: the
+output directory can be written (without creating it: a run that fails a later check must leave no
+trace), the model directory is complete (config.json, tokenizer.model, weights whose headers are
+intact), and ``--model_name_or_path``'s config allows ``--model_max_length``. Every failure is a
+`UsageError` (one line naming the flag or the file, exit code 2): these are paths given on the
+command line. `train.run` calls `check_run` right after the resume checkpoint is chosen and before
+old checkpoints are deleted, the data prepared or the model loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from .arguments import Arguments, UsageError
+
+MODEL_FLAG = "--model_name_or_path"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# A safetensors header larger than this is not one (the format caps it at 100 MB).
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_run(args: Arguments) -> dict[str, Any]:
+    """Every check of the output directory and the base model; returns the base model's config.json."""
+    check_output_dir(args.training.output_dir)
+    config = check_model(args.model.model_name_or_path, args.training.cache_dir)
+    check_model_max_length(config, args.training.model_max_length, args.training.allow_longer_than_trained,
+                           args.model.model_name_or_path)
+    return config
+
+
+# ----- output directory -----
+
+
+def check_output_dir(output_dir: str) -> None:
+    """`output_dir` is (or can be made) a writable directory; nothing is left behind by the check.
+
+    An existing directory gets a probe file, created and removed, and its modification time back. A
+    missing one is not created: its nearest existing parent gets a probe directory instead.
+    """
+    flag = f"--output_dir {output_dir}"
+    path = Path(output_dir)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag}: is a file, not a directory")
+        _probe(path, flag, f"{flag}: cannot write into it")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():  # a file above it: exists() is False below a file
+        raise UsageError(f"{flag}: cannot be created: {parent} is a file, not a directory")
+    _probe(parent, flag, f"{flag}: cannot be created in {parent}")
+
+
+def missing_dirs(output_dir: str) -> list[Path]:
+    """`output_dir` and its missing parents, deepest first: what creating it will create."""
+    missing, path = [], Path(output_dir).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove `dirs` (deepest first) while they are empty: a failed run leaves no directory it created."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (the run wrote something worth keeping) or already gone
+            return
+
+
+def _probe(directory: Path, flag: str, message: str) -> None:
+    """Create and remove a uniquely named entry in `directory` and restore its times, or raise `message`."""
+    try:
+        before = directory.stat()
+    except OSError as e:
+        raise UsageError(f"{flag}: {e.strerror or e}") from None
+    probe = directory / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+    except OSError as e:
+        raise UsageError(f"{message}: {e.strerror or e}") from None
+    try:
+        probe.rmdir()
+    finally:
+        # The probe changed the directory's mtime; a failing run must leave it as it found it.
+        try:
+            os.utime(directory, ns=(before.st_atime_ns, before.st_mtime_ns))
+        except OSError:
+            pass
+
+
+# ----- base model -----
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'org/name' or 'name' (no leading '.', '/', '~', no '..', at most one '/')."""
+    return (bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1
+            and ".." not in name and not name.endswith("/"))
+
+
+def check_model(name_or_path: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """The model's parsed config.json, after checking a local directory holds a complete model.
+
+    A hub id (not a local directory) only has its config.json resolved (downloaded, or from the cache
+    with ``HF_HUB_OFFLINE=1``): its weights are checked when they are downloaded.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return check_model_dir(path)
+    if path.exists():
+        raise UsageError(f"{MODEL_FLAG} {name_or_path}: is a file; give the model's directory")
+    if not _looks_like_hub_id(name_or_path):
+        raise UsageError(f"{MODEL_FLAG} {name_or_path}: no such directory")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config_file = hf_hub_download(name_or_path, "config.json", cache_dir=cache_dir)
+    except Exception as e:  # offline and not cached, unknown repo, no network: all say why in one line
+        reason = " ".join(str(e).split())[:300]
+        raise UsageError(f"{MODEL_FLAG} {name_or_path}: no such directory, and not a model on the hub "
+                         f"(or in its cache): {type(e).__name__}: {reason}") from None
+    return _read_config(Path(config_file))
+
+
+def check_model_dir(directory: Path) -> dict[str, Any]:
+    """config.json, tokenizer.model and the weights of a local model directory; returns the config."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"{MODEL_FLAG} {directory}: no config.json (not a model directory)")
+    config = _read_config(config_file)
+    tokenizer = directory / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise UsageError(f"{MODEL_FLAG} {directory}: no tokenizer.model (the Baichuan2 sentencepiece tokenizer)")
+    _check_tokenizer(tokenizer)
+    _check_weights(directory)
+    return config
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"{config_file}: cannot read: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{config_file}: not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_file}: expected a JSON object of model settings")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{config_file}: \"{key}\" {json.dumps(value)}: expected a whole number >= 1")
+    if config.get("position_embedding") not in (None, "rope", "alibi"):
+        raise UsageError(f"{config_file}: \"position_embedding\" {json.dumps(config['position_embedding'])}: "
+                         "expected \"rope\" or \"alibi\"")
+    return config
+
+
+def _check_tokenizer(path: Path) -> None:
+    # Loading a sentencepiece model takes milliseconds; a corrupt one would fail in the tokenizer later.
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises RuntimeError or OSError with a C++ message
+        raise UsageError(f"{path}: not a sentencepiece model: {' '.join(str(e).split())[:200]}") from None
+
+
+def _check_weights(directory: Path) -> None:
+    """The weight files exist and their headers are intact (safetensors header / zip central directory).
+
+    In transformers' order of preference: the first kind present is the one that will be loaded."""
+    for single, index_name, checker in (("model.safetensors", SAFETENSORS_INDEX, check_safetensors),
+                                        ("pytorch_model.bin", BIN_INDEX, check_torch_zip)):
+        if (directory / single).is_file():
+            checker(directory / single)
+            return
+        if (directory / index_name).is_file():
+            for shard in _index_shards(directory / index_name):
+                checker(directory / shard)
+            return
+    raise UsageError(f"{MODEL_FLAG} {directory}: no model weights (model.safetensors, pytorch_model.bin "
+                     f"or a sharded {SAFETENSORS_INDEX})")
+
+
+def _index_shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"{index}: not a weight index (expected a JSON object with a \"weight_map\")")
+    shards = sorted({str(s) for s in weight_map.values()})
+    for shard in shards:
+        if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
+            raise UsageError(f"{index}: names shard {shard!r}, which is not in {index.parent}")
+    return shards
+
+
+def check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists fit exactly in the file (a truncated or random file fails)."""
+    bad = f"{path}: not a complete safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UsageError(f"{bad} ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(MAX_SAFETENSORS_HEADER, size - 8):
+                raise UsageError(f"{bad} (header of {header_len} bytes in a file of {size})")
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (ValueError, RecursionError):
+        raise UsageError(f"{bad} (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{bad} (its header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise UsageError(f"{bad} (tensor {name!r} has no data_offsets)")
+        end = max(end, offsets[1])
+    data = size - 8 - header_len
+    if end != data:
+        raise UsageError(f"{bad} (truncated: its tensors need {end} bytes of data, the file holds {data})")
+
+
+def check_torch_zip(path: Path) -> None:
+    """A torch.save file: a zip archive whose central directory (at the end) is intact."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not archive.namelist():
+                raise zipfile.BadZipFile("empty archive")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
+    except zipfile.BadZipFile as e:
+        raise UsageError(f"{path}: not a complete torch checkpoint (zip archive: {e})") from None
+
+
+# ----- positions -----
+
+
+def check_model_max_length(config: dict[str, Any], model_max_length: int, allowed: bool, model: str) -> None:
+    """A RoPE model was trained on `max_position_embeddings` positions: longer rows need permission."""
+    positions = config.get("max_position_embeddings")
+    scheme = config.get("position_embedding") or ("rope" if positions is not None else "alibi")
+    if scheme != "rope" or not isinstance(positions, int) or model_max_length <= positions or allowed:
+        return
+    raise UsageError(
+        f"--model_max_length {model_max_length}: beyond the {positions} positions {model} was trained on "
+        "(RoPE max_position_embeddings in its config.json); lower --model_max_length, or pass "
+        "--allow_longer_than_trained True to train on untrained positions"
+    )
