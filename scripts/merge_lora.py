@@ -3,7 +3,7 @@
     python scripts/merge_lora.py output/lora output/merged
 
 Everything is checked before a model is loaded (one line, exit 2): the adapter and its files, its
-base model, the output directory (new or empty), --max_shard_size, and that the base is the one the
+base model, the output directory (new or empty; --overwrite replaces it), --max_shard_size, and that the base is the one the
 adapter was trained on (its recorded base_model_fingerprint.json; --force merges anyway).
 """
 
@@ -23,6 +23,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument("--force", action="store_true",
                         help="merge even if the base differs from the one the adapter records")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output_dir (only once the new merge is completely written)")
     args = parser.parse_args(argv)
 
     def warn(message: str) -> None:
@@ -30,7 +32,7 @@ def main(argv=None) -> None:
 
     try:
         out = merge_lora(args.adapter_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                         force=args.force, warn=warn)
+                         force=args.force, warn=warn, overwrite=args.overwrite)
     except MergeError as e:  # refused before loading anything
         parser.error(str(e))
     except Exception as e:  # while loading or writing (a full disk, say); SafetensorError is none of the usual

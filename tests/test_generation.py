@@ -129,3 +129,17 @@ def test_stop_flag_set_before_generation_gives_one_token(tiny, greedy, full_repl
     flag.set()
     reply = generate_reply(model, tokenizer, MESSAGES, greedy, stop_flag=flag)
     assert reply.finish_reason == "interrupted" and reply.token_ids == full_reply.token_ids[:1]
+
+
+def test_openai_penalties_subtract_counts_of_generated_tokens_only():
+    import torch
+
+    from baichuan_finetune.generation import OpenAIPenalties
+
+    input_ids = torch.tensor([[7, 7, 3, 3, 3, 5]])  # prompt [7, 7], then 3 three times and 5 once
+    scores = torch.zeros(1, 8)
+    out = OpenAIPenalties(prompt_length=2, presence_penalty=0.5, frequency_penalty=0.25)(input_ids, scores)
+    expected = torch.zeros(1, 8)
+    expected[0, 3] = -(0.5 + 3 * 0.25)
+    expected[0, 5] = -(0.5 + 0.25)
+    assert torch.equal(out, expected)  # token 7 appears only in the prompt: not penalised

@@ -296,3 +296,17 @@ def test_adapter_without_fingerprint_merges_with_a_warning(lora_dir, tmp_path, c
 
     plan = check_merge(lora_dir, tmp_path / "out")
     assert len(plan.warnings) == 1 and "records no base_model_fingerprint.json" in plan.warnings[0]
+
+
+def test_overwrite_replaces_a_non_empty_output_dir_whole(lora_dir, merged_dir, tmp_path):
+    from baichuan_finetune.merge import MergeError, merge_lora
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale-shard.safetensors").write_text("old")
+    with pytest.raises(MergeError, match="is not empty.*--overwrite"):
+        merge_lora(lora_dir, out)
+    assert sorted(p.name for p in out.iterdir()) == ["stale-shard.safetensors"]  # refused: untouched
+    merge_lora(lora_dir, out, max_shard_size="200KB", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in merged_dir.iterdir())
+    assert not list(tmp_path.glob(".out.*"))  # nothing set aside is left behind

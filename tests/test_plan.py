@@ -65,6 +65,30 @@ def test_activation_terms_scale_and_alibi_bias_is_counted():
     assert full - lora >= 4 * 125696 * 4096
 
 
+def test_loss_head_chunk_tensors_and_lora_zero3_live_parameters():
+    """Terms the LoRA CPU probe measured (docs/benchmarks.md): 3 [chunk, V] fp32 tensors within the
+    first loss chunk, 4 once a second full chunk follows; ZeRO-3 LoRA does not keep the frozen
+    embedding gathered (no backward use), full training does."""
+    V, H = 125696, 512
+    shape = plan.ModelShape(V, H, 1376, 8, 8, "rope")
+
+    def head(tokens: int) -> int:
+        s = plan.Setup(shape=shape, method="lora", gpus_per_node=2, seq_len=tokens, device="cpu")
+        return plan.estimate(s, "zero2").terms["loss_head"] - tokens * H * 4
+
+    assert head(100) == 3 * 100 * V * 4
+    assert head(256) == 3 * 256 * V * 4
+    assert head(300) == 3 * 256 * V * 4  # a short second chunk: 2 x (256 + 44) < 3 x 256
+    assert head(512) == head(2048) == 4 * 256 * V * 4
+
+    def live(method: str) -> int:
+        s = plan.Setup(shape=shape, method=method, gpus_per_node=2, seq_len=256, device="cpu")
+        return plan.estimate(s, "zero3").terms["zero3_live_parameters"]
+
+    assert live("full") == shape.params * 4
+    assert live("full") - live("lora") == V * H * 4
+
+
 @pytest.mark.parametrize("targets, r", [("W_pack", 1), ("W_pack,o_proj,down_proj", 4), ("all-linear", 8)])
 def test_lora_trainable_count_equals_peft(targets, r):
     from peft import LoraConfig, TaskType, get_peft_model

@@ -226,8 +226,7 @@ def test_logprobs(client, lora_dir):
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("response_format", {"type": "json_object"}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1),
+    ("presence_penalty", 2.5),  # outside OpenAI's [-2, 2]
     ("logit_bias", {"5": 10}),
     ("n", 2),
     ("bogus_field", 1),
@@ -244,6 +243,22 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client):
     response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=2, presence_penalty=0,
                                               frequency_penalty=0, response_format={"type": "text"}, user="u1")
     assert response.choices[0].message.content is not None
+
+
+def test_presence_and_frequency_penalties_are_applied(client, lora_dir):
+    from baichuan_finetune.generation import OpenAIPenalties, build_prompt_ids, make_generation_config
+    from baichuan_finetune.loading import load_model
+
+    model, tokenizer = load_model(lora_dir)
+    config = make_generation_config(model, max_new_tokens=12, greedy=True)
+    prompt = build_prompt_ids(model, tokenizer, MESSAGES, 12)
+    plain = generate_reply(model, tokenizer, MESSAGES, config).text
+    penalised = generate_reply(model, tokenizer, MESSAGES, config,
+                               logits_processors=[OpenAIPenalties(len(prompt), 1.5, 2.0)]).text
+    assert penalised != plain  # the penalties change greedy decoding of this model
+    response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=12, temperature=0,
+                                              presence_penalty=1.5, frequency_penalty=2.0)
+    assert response.choices[0].message.content == penalised
 
 
 def test_logprobs_with_stream_is_refused(client):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .loading import chat_model
@@ -103,6 +103,20 @@ def _first_stop(text: str, stop: list[str]) -> int:
     return min(positions) if positions else -1
 
 
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's additive penalties over the tokens generated so far (the prompt does not count):
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``."""
+
+    def __init__(self, prompt_length: int, presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
+        self.prompt_length = prompt_length
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency_penalty * counts - self.presence_penalty * (counts > 0).to(scores.dtype)
+
+
 def stream_reply(
     model,
     tokenizer,
@@ -112,6 +126,7 @@ def stream_reply(
     stop_flag: StopFlag | None = None,
     prompt_ids: list[int] | None = None,
     poll_seconds: float = 0.1,
+    logits_processors: list[LogitsProcessor] | None = None,
 ) -> Iterator[tuple[str, Reply]]:
     """Yield ``(new_text, reply_so_far)`` while generating; the last item has ``finish_reason``.
 
@@ -119,7 +134,8 @@ def stream_reply(
     could still become a stop string or ends in an incomplete UTF-8 sequence. Setting
     ``stop_flag`` (or a ``KeyboardInterrupt`` in the consuming thread, which sets it) ends
     generation at the next token with ``finish_reason="interrupted"``. ``prompt_ids`` (already
-    built by the caller) replaces ``build_prompt_ids(messages)``.
+    built by the caller) replaces ``build_prompt_ids(messages)``. ``logits_processors`` are added to
+    the generation config's own (e.g. ``OpenAIPenalties``).
     """
     base = chat_model(model)
     generation_config = generation_config or make_generation_config(model)
@@ -140,6 +156,7 @@ def stream_reply(
                     generation_config=generation_config,
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([stop_flag]),
+                    logits_processor=LogitsProcessorList(logits_processors or []),
                 )
         except BaseException as exc:  # re-raised in the consuming thread
             errors.append(exc)

@@ -55,14 +55,15 @@ def parse_shard_size(value: str | int) -> int:
     return size
 
 
-def _check_output_dir(output_dir: Path, adapter_dir: Path, base_dir: Path) -> None:
+def _check_output_dir(output_dir: Path, adapter_dir: Path, base_dir: Path, overwrite: bool) -> None:
     if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
         raise MergeError(f"{output_dir}: write the merged model to a new directory, not over its inputs")
     if output_dir.exists() and not output_dir.is_dir():
         raise MergeError(f"output_dir {output_dir} is a file: name a new directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        # Old shards next to new ones load as a mix of two models: start from an empty directory.
-        raise MergeError(f"output_dir {output_dir} is not empty: name a new (or empty) directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        # Old shards next to new ones load as a mix of two models: the directory is replaced whole, if at all.
+        raise MergeError(f"output_dir {output_dir} is not empty: name a new (or empty) directory, or pass "
+                         "--overwrite to replace it")
     ancestor = output_dir.resolve()
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -73,7 +74,7 @@ def _check_output_dir(output_dir: Path, adapter_dir: Path, base_dir: Path) -> No
 
 
 def check_merge(adapter_dir: str | Path, output_dir: str | Path, max_shard_size: str | int = "2GB",
-                force: bool = False) -> MergePlan:
+                force: bool = False, overwrite: bool = False) -> MergePlan:
     """Every check of a merge that needs no model loaded; raises `MergeError` (one line)."""
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     shard_bytes = parse_shard_size(max_shard_size)
@@ -90,7 +91,7 @@ def check_merge(adapter_dir: str | Path, output_dir: str | Path, max_shard_size:
         check_model_dir(adapter_dir, flag="adapter_dir")  # adapter weights, base config/weights, tokenizer
     except ModelDirError as e:
         raise MergeError(str(e)) from None
-    _check_output_dir(output_dir, adapter_dir, base_dir)
+    _check_output_dir(output_dir, adapter_dir, base_dir, overwrite)
 
     plan = MergePlan(base_dir, shard_bytes)
     try:
@@ -122,14 +123,16 @@ def merge_lora(
     max_shard_size: str = "2GB",
     force: bool = False,
     warn: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``base + LoRA`` merged into ``output_dir`` and return it.
 
     ``dtype`` "auto" keeps the dtype the base weights are stored in. Raises `MergeError` before
     loading anything when `check_merge` refuses; its warnings go to `warn` (default: stderr).
+    ``overwrite`` replaces a non-empty ``output_dir`` whole, once the new merge is completely written.
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    plan = check_merge(adapter_dir, output_dir, max_shard_size, force=force)
+    plan = check_merge(adapter_dir, output_dir, max_shard_size, force=force, overwrite=overwrite)
     for message in plan.warnings:
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)))(message)
     peft_model, tokenizer = load_model(adapter_dir, dtype=dtype)
@@ -142,12 +145,14 @@ def merge_lora(
     # half-written directory that looks like a model.
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.parent / f".{output_dir.name}.merging-{os.getpid()}"
+    old = output_dir.parent / f".{output_dir.name}.replaced-{os.getpid()}"
     try:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=plan.max_shard_bytes)
         finish_output_dir(tmp, tokenizer, generation_config, merged.config.model_max_length, is_adapter=False)
         if output_dir.is_dir():
-            output_dir.rmdir()  # empty, as check_merge made sure
+            os.replace(output_dir, old)  # empty, or --overwrite: set aside until the new one is in place
         os.replace(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return output_dir

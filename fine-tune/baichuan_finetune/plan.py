@@ -57,16 +57,21 @@ SHIPPED_CONFIG = {
 # ----- constants (docs/planning.md says where each comes from) -----
 # Tokens per chunk of the loss head (losses.CausalLMLoss.chunk_size).
 LOSS_CHUNK = 256
-# float32 [chunk, vocab] tensors alive at once inside NormHeadLoss.forward: logits, softmax gradient and
-# one product temporary ((grad * logits) or (grad * inv_norm)); read off losses.py.
+# float32 [chunk, vocab] tensors alive at once inside NormHeadLoss.forward, read off losses.py and
+# measured (RSS steps of 3 and 4 x 122.7 MiB at chunk 256, V 125,696): within the first chunk its
+# logits, softmax gradient and one product temporary ((grad * logits) or (grad * inv_norm)); from the
+# second chunk on, the previous chunk's logits and gradient are still bound to their names while the
+# next chunk's linear output and its scaled copy are made: two of each size.
 LOSS_CHUNK_TENSORS = 3
+LOSS_NEXT_CHUNK_TENSORS = 2
 # CUDA context + cuBLAS/NCCL workspaces, not seen by torch's allocator (typical H100/A100 figure).
 CUDA_CONTEXT_BYTES = int(1.0 * GIB)
 # Caching-allocator fragmentation on top of the allocated peak (PyTorch's CUDA allocator, typical).
 CUDA_FRAGMENTATION = 0.10
-# CPU runs: growth of a rank's RSS besides tensors (DeepSpeed engine, gloo, autograd bookkeeping,
-# the optimizer's Python state): an estimate, not measured on its own (docs/planning.md, benchmarks.md).
-CPU_RUNTIME_BYTES = int(0.25 * GIB)
+# CPU runs: growth of a rank's RSS besides tensors (DeepSpeed engine, gloo, autograd bookkeeping):
+# measured at the start of the first step of LoRA runs, where no optimizer or gradient state hides it:
+# 7 MiB over the weights under ZeRO-2, 79 MiB over the weight partition under ZeRO-3.
+CPU_RUNTIME_BYTES = int(64 * 2**20)
 # CPU runs: the forward's freed temporaries per token per layer that stay resident (in units of b*H),
 # measured: 62.7 KB per token per layer (fp32, H 512, I 1376) against 48.6 KB of saved tensors.
 CPU_FORWARD_TEMPORARIES_H = 7
@@ -364,7 +369,9 @@ def estimate(s: Setup, option: str) -> Estimate:
     # hidden states, and for a trainable head its float32 [V, H] weight-gradient accumulator (+ in
     # bf16/fp16 the float32 copy of the weight made at the end and the cast gradient).
     chunk = min(LOSS_CHUNK, tokens)
-    head = LOSS_CHUNK_TENSORS * chunk * V * 4 + tokens * H * b
+    next_chunk = min(LOSS_CHUNK, tokens - chunk)
+    rows = max(LOSS_CHUNK_TENSORS * chunk, LOSS_NEXT_CHUNK_TENSORS * (chunk + next_chunk))
+    head = rows * V * 4 + tokens * H * b
     if full:
         head += 4 * V * H + (4 * V * H + 2 * V * H if b == 2 else 0)
     terms["loss_head"] = head
@@ -373,10 +380,14 @@ def estimate(s: Setup, option: str) -> Estimate:
     # gathered weight is kept for its reuse in backward once the first step has traced the module
     # order, so up to stage3_max_live_parameters elements stay gathered (the whole model if smaller);
     # at least the largest module (embedding/lm_head, V*H) plus the prefetch bucket. Compute dtype.
+    # LoRA/QLoRA: the frozen embedding's output needs no gradient, so it has no backward hook and no
+    # reuse in the trace: it is released right after its forward and is not gathered at the loss head
+    # (measured: ZeRO-3 LoRA holds one V x H matrix fewer there than full training).
     if stage3:
         prefetch = _zero_value(zero, "stage3_prefetch_bucket_size", 0.9 * H * H)
         max_live = _zero_value(zero, "stage3_max_live_parameters", 1e9)
-        gathered = max(min(P, max_live), min(P, V * H + prefetch))
+        reused = P if full else P - V * H
+        gathered = max(min(reused, max_live), min(reused, V * H + prefetch))
         terms["zero3_live_parameters"] = int(gathered * b)
     else:
         terms["zero3_live_parameters"] = 0

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .generation import Reply, StopFlag, make_generation_config, stream_reply
+from .generation import OpenAIPenalties, Reply, StopFlag, make_generation_config, stream_reply
 from .loading import (ModelDirError, ToolArgumentParser, add_model_arguments, chat_model, check_model_dir,
                       load_model_or_exit)
 from .tokenization_baichuan import build_chat_input
@@ -93,6 +93,8 @@ class ChatRequest:
     seed: int | None
     top_k: int | None = None  # extra_body
     repetition_penalty: float | None = None  # extra_body
+    presence_penalty: float = 0.0  # OpenAI's additive penalties (generation.OpenAIPenalties)
+    frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
     prompt: str | None = None  # /v1/completions: raw text, no chat format
@@ -132,13 +134,9 @@ def _reject_unknown_fields(body: dict, known: set[str]) -> None:
 
 def _sampling_options(body: dict) -> dict:
     """The sampling fields shared by both endpoints (``top_k``/``repetition_penalty`` come via extra_body)."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _number(body, name, -2, 2)
-        if value:  # 0 is the OpenAI default and means no penalty
-            raise RequestError(f"'{name}' {value:g}: only 0 is supported; use 'repetition_penalty' "
-                               "(extra_body) for Baichuan2's multiplicative penalty", param=name,
-                               code="unsupported_parameter")
-    return {"top_k": _number(body, "top_k", 0, 10**6, integer=True),
+    return {"presence_penalty": _number(body, "presence_penalty", -2, 2) or 0.0,
+            "frequency_penalty": _number(body, "frequency_penalty", -2, 2) or 0.0,
+            "top_k": _number(body, "top_k", 0, 10**6, integer=True),
             "repetition_penalty": _number(body, "repetition_penalty", 0.01, 10)}
 
 
@@ -295,6 +293,12 @@ def parse_completion_request(body) -> ChatRequest:
     chat.messages = []
     chat.logprobs, chat.top_logprobs = logprobs is not None, logprobs or 0
     return chat
+
+
+def _penalties(request: ChatRequest, prompt_ids: list[int]) -> list[OpenAIPenalties]:
+    if not (request.presence_penalty or request.frequency_penalty):
+        return []
+    return [OpenAIPenalties(len(prompt_ids), request.presence_penalty, request.frequency_penalty)]
 
 
 @dataclass
@@ -542,7 +546,8 @@ class ChatService:
         reply = None
         for new_text, reply in stream_reply(self.model, self.tokenizer, request.messages,
                                             job.prepared.generation_config, stop=request.stop,
-                                            stop_flag=job.stop_flag, prompt_ids=job.prepared.prompt_ids):
+                                            stop_flag=job.stop_flag, prompt_ids=job.prepared.prompt_ids,
+                                            logits_processors=_penalties(request, job.prepared.prompt_ids)):
             if new_text:
                 job.put(("text", new_text, reply))
         if request.logprobs and reply is not None:
