@@ -19,6 +19,9 @@ from .tokenization_baichuan import BaichuanTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
+# The default tokenizer is trained on the supervised example data only: other files in data/ (the
+# preference pairs) must not change the embedded model whose quickstart answers are checked.
+DEFAULT_CORPUS = ("quickstart.json", "examples")
 
 
 def _user_defined_symbols() -> list[str]:
@@ -42,10 +45,19 @@ def collect_strings(value, out: list[str]) -> list[str]:
     return out
 
 
+def corpus_files(data_dir: Path) -> list[Path]:
+    """The JSON/JSONL files the tokenizer learns from: under ``data_dir`` (for the default, its
+    ``DEFAULT_CORPUS`` entries only)."""
+    data_dir = Path(data_dir)
+    roots = [data_dir / name for name in DEFAULT_CORPUS] if data_dir.resolve() == DEFAULT_DATA_DIR else [data_dir]
+    files = [p for root in roots for p in ([root] if root.is_file() else root.rglob("*"))]
+    return sorted(p for p in files if p.suffix in (".json", ".jsonl"))
+
+
 def corpus_lines(data_dir: Path) -> list[str]:
-    """Every string value in the JSON/JSONL files under ``data_dir``, one line per text line."""
+    """Every string value in the corpus files (``corpus_files``), one line per text line."""
     texts: list[str] = []
-    for path in sorted(data_dir.rglob("*")):
+    for path in corpus_files(data_dir):
         if path.suffix == ".json":
             collect_strings(json.loads(path.read_text(encoding="utf-8")), texts)
         elif path.suffix == ".jsonl":
