@@ -180,3 +180,34 @@ def test_short_runs(name, tiny_model_dir, env, work):
         assert len(table["train"]) == 24 and all(c < 0 and r < 0 for c, r in table["train"])
     if "val_size" in extra:
         assert any("eval_rewards/accuracies" in h for h in logs)
+
+
+# ----- resuming a preference run -----
+
+
+def test_resumed_dpo_run_with_precomputed_reference_continues_exactly(tiny_model_dir, env, work):
+    """Killed after checkpoint-2 (here: a copy holding only it), then resumed: the resumed steps read
+    the saved reference log-probs back and equal the uninterrupted run's. A full fine-tune, so that
+    reference log-probs recomputed from the moved policy would differ."""
+    import shutil
+
+    run_flags = ["--pref_loss", "sigmoid", "--precompute_ref_logps", "True", "--per_device_train_batch_size", "4",
+                 "--learning_rate", "5e-3", "--max_steps", "4", "--save_steps", "2"]
+    whole = work / "dpo-resume-whole"
+    run([sys.executable, FINE_TUNE, *flags(tiny_model_dir, whole, *run_flags)], env)
+    resumed = work / "dpo-resume-resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(whole / "reference_logps.json", resumed / "reference_logps.json")
+    out = run([sys.executable, FINE_TUNE,
+               *flags(tiny_model_dir, resumed, *run_flags, "--resume_from_checkpoint", "True")], env)
+    assert "checkpoint-2" in out
+
+    def losses(path: Path) -> dict[int, float]:
+        return {h["step"]: h["loss"] for h in history(path) if "loss" in h}
+
+    expected, got = losses(whole), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4] and sorted(expected) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    assert (resumed / "model.safetensors").is_file()

@@ -203,3 +203,13 @@ def test_unsupported_fixture_files_give_clear_errors(name):
         read_records(str(path))
     assert UNSUPPORTED[name] in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_a_preference_pair_file_is_refused_for_supervised_training(tmp_path):
+    pair = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+            "rejected": {"from": "gpt", "value": "b"}}
+    path = write(tmp_path, "pairs.json", [GOOD, pair])
+    with pytest.raises(DataError) as err:
+        read_records(path, on_bad_record="skip")
+    assert str(err.value) == (f"{path} record 1: a preference pair ('chosen'/'rejected'), not a supervised "
+                              "conversation: train on it with --stage dpo (docs/preference.md)")

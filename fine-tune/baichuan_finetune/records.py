@@ -214,6 +214,11 @@ def read_file(path: str) -> ReadResult:
             f"{path}: unknown format (first record keys: {keys}); expected records with 'conversations' "
             "(official/ShareGPT), 'messages' (OpenAI) or 'instruction' and 'output' (Alpaca)"
         )
+    pair = next((where for where, item in items if isinstance(item, dict) and ("chosen" in item or "rejected" in item)),
+                None)
+    if pair is not None:  # supervised training would learn the prompts and ignore both answers
+        raise DataError(f"{pair}: a preference pair ('chosen'/'rejected'), not a supervised conversation: "
+                        "train on it with --stage dpo (docs/preference.md)")
     result.formats[path] = fmt
     for where, item in items:
         try:
