@@ -254,10 +254,10 @@ def test_presence_and_frequency_penalties_are_applied(client, lora_dir):
     prompt = build_prompt_ids(model, tokenizer, MESSAGES, 12)
     plain = generate_reply(model, tokenizer, MESSAGES, config).text
     penalised = generate_reply(model, tokenizer, MESSAGES, config,
-                               logits_processors=[OpenAIPenalties(len(prompt), 1.5, 2.0)]).text
-    assert penalised != plain  # the penalties change greedy decoding of this model
+                               logits_processors=[OpenAIPenalties(len(prompt), -2.0, -2.0)]).text
+    assert penalised != plain  # negative penalties favour repeating the reply: it changes here
     response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=12, temperature=0,
-                                              presence_penalty=1.5, frequency_penalty=2.0)
+                                              presence_penalty=-2.0, frequency_penalty=-2.0)
     assert response.choices[0].message.content == penalised
 
 
