@@ -39,6 +39,7 @@ from .records import (
     _Bad,
     _json_type,
     _load_items,
+    parse_items,
     _parse_messages,
     _text,
     bad_records_error,
@@ -146,17 +147,11 @@ def read_pairs(data_path: str, on_bad_record: Literal["error", "skip"] = "error"
             raise DataError(f"{path}: no preference pairs (first record keys: {keys}); --stage dpo needs records "
                             "with 'chosen' and 'rejected' answers and 'conversations' or 'prompt' (docs/preference.md)")
         result.formats[path] = fmt
-        for where, item in items:
-            try:
-                if isinstance(item, _Bad):
-                    raise item
-                if not isinstance(item, dict):
-                    raise _Bad("", f"record is a JSON {_json_type(item)}, expected an object", "not an object")
-                pair = parse_pair(item, fmt)
-                pair.prompt.source = where
-                result.pairs.append(pair)
-            except _Bad as b:
-                result.bad_records.append(BadRecord(where, b.field, b.message, b.reason))
+        parsed, bad = parse_items(items, lambda item: parse_pair(item, fmt))
+        for where, pair in parsed:
+            pair.prompt.source = where
+            result.pairs.append(pair)
+        result.bad_records.extend(bad)
     if result.bad_records and on_bad_record == "error":
         raise bad_records_error(result.bad_records)
     return result

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .tokenization_baichuan import ASSISTANT, USER
 
@@ -220,18 +220,27 @@ def read_file(path: str) -> ReadResult:
         raise DataError(f"{pair}: a preference pair ('chosen'/'rejected'), not a supervised conversation: "
                         "train on it with --stage dpo (docs/preference.md)")
     result.formats[path] = fmt
+    parsed, result.bad_records = parse_items(items, _PARSERS[fmt])
+    for where, conv in parsed:
+        conv.source = where
+        result.conversations.append(conv)
+    return result
+
+
+def parse_items(items: list[tuple[str, Any]], parse: Callable[[dict], Any]) -> tuple[list[tuple[str, Any]],
+                                                                                      list[BadRecord]]:
+    """``(where, parse(item))`` for each good record of `_load_items`, and a `BadRecord` for each other."""
+    parsed, bad = [], []
     for where, item in items:
         try:
             if isinstance(item, _Bad):
                 raise item
             if not isinstance(item, dict):
                 raise _Bad("", f"record is a JSON {_json_type(item)}, expected an object", "not an object")
-            conv = _PARSERS[fmt](item)
-            conv.source = where
-            result.conversations.append(conv)
+            parsed.append((where, parse(item)))
         except _Bad as b:
-            result.bad_records.append(BadRecord(where, b.field, b.message, b.reason))
-    return result
+            bad.append(BadRecord(where, b.field, b.message, b.reason))
+    return parsed, bad
 
 
 def read_records(data_path: str, on_bad_record: Literal["error", "skip"] = "error",
