@@ -218,7 +218,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a directory (or a file) by path, ignoring file systems that refuse it."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -232,7 +233,7 @@ def _set_aside_and_delete(path: Path, fault_point: str | None = None, step: int 
     hidden name in the same directory (atomic), then delete that."""
     hidden = path.parent / f".deleting-{path.name}-{os.getpid()}"
     os.replace(path, hidden)
-    _fsync_dir(path.parent)
+    _fsync_path(path.parent)
     if fault_point:
         fault(fault_point, step, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
@@ -256,7 +257,7 @@ def begin_checkpoint(path: str | os.PathLike, global_step: int | None = None) ->
     path = Path(path)
     if path.exists():
         (path / COMPLETE_MARKER).unlink(missing_ok=True)
-        _fsync_dir(path)
+        _fsync_path(path)
         _set_aside_and_delete(path)
 
 
@@ -290,7 +291,7 @@ def mark_checkpoint_complete(path: str | os.PathLike, global_step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / COMPLETE_MARKER)
-    _fsync_dir(path)
+    _fsync_path(path)
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int | None:
@@ -633,12 +634,7 @@ def parameter_bytes(model, trainable_only: bool = False) -> int:
 def _fsync_tree(root: Path) -> None:
     for f in root.rglob("*"):
         if f.is_file():
-            with contextlib.suppress(OSError):
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            _fsync_path(f)
 
 
 def _move_into_place(tmp: Path, out: Path, loader: str, step: int | None) -> None:
@@ -648,7 +644,7 @@ def _move_into_place(tmp: Path, out: Path, loader: str, step: int | None) -> Non
         raise RuntimeError(f"{tmp}: no {loader} was written; the final output is incomplete")
     _fsync_tree(tmp)
     (out / loader).unlink(missing_ok=True)
-    _fsync_dir(out)
+    _fsync_path(out)
     names = sorted(p.name for p in tmp.iterdir() if p.name != loader)
     for i, name in enumerate(names):
         target = out / name
@@ -658,7 +654,7 @@ def _move_into_place(tmp: Path, out: Path, loader: str, step: int | None) -> Non
         if i == 0:
             fault("final_mid_move", step, target)
     os.replace(tmp / loader, out / loader)
-    _fsync_dir(out)
+    _fsync_path(out)
     tmp.rmdir()
 
 
