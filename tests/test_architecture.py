@@ -20,7 +20,7 @@ LAYERS = [
     # launch_guard (rank <-> launcher) and fingerprint (base recorded in adapters): train imports them.
     {"lora", "trainer", "saving", "preflight", "launch_guard", "fingerprint", "preference"},
     {"train"},
-    {"loading", "convert"},
+    {"loading", "convert", "openai_requests"},
     {"generation"},
     {"chat_cli", "serve", "evaluate", "merge"},
     {"tiny"},

@@ -158,7 +158,8 @@ def test_prepare_builds_the_prompt_once_in_the_chat_format(lora_dir):
     """One prepare per request: the context check and the prompt both come from build_chat_input."""
     from baichuan_finetune.generation import build_prompt_ids
     from baichuan_finetune.loading import load_model
-    from baichuan_finetune.serve import ChatService, RequestError, parse_chat_request
+    from baichuan_finetune.openai_requests import RequestError, parse_chat_request
+    from baichuan_finetune.serve import ChatService
 
     model, tokenizer = load_model(lora_dir)
     service = ChatService(model, tokenizer, "tiny-lora")
