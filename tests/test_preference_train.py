@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_train import env  # noqa: F401 (the fine-tune.py environment fixture; uses this module's work)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINE_TUNE = REPO_ROOT / "fine-tune" / "fine-tune.py"
@@ -26,17 +26,6 @@ NO_PACKAGE = 'import sys; sys.modules["baichuan_finetune"] = None\n'
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pref")
-
-
-@pytest.fixture(scope="module")
-def env(work: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu",
-             TOKENIZERS_PARALLELISM="false", BAICHUAN_FINETUNE_CACHE=str(work / "data-cache"),
-             PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(key, None)
-    return e
 
 
 def run(cmd: list, env: dict) -> str:
