@@ -215,7 +215,10 @@ SLEEPER = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("lg", {launch_guard!r})
     lg = importlib.util.module_from_spec(spec); sys.modules["lg"] = lg; spec.loader.exec_module(lg)
     guard = lg.guard_against_orphaning()
-    print("GUARD", os.getpid(), guard.launcher if guard else None, guard.watched_pid if guard else None, flush=True)
+    # One write per line: both ranks share one unbuffered log, and a multi-argument print
+    # writes word by word, so the ranks' words could interleave.
+    line = "GUARD %s %s %s\\n" % (os.getpid(), guard.launcher if guard else None, guard.watched_pid if guard else None)
+    os.write(1, line.encode())
     time.sleep(300)
 """)
 
