@@ -249,10 +249,10 @@ def test_validate_checkpoint_against_its_marker(tmp_path, damage, problem):
 
 
 @pytest.mark.parametrize("name, damage, problem", [
-    ("model.safetensors", lambda f: _truncate(f), "truncated?"),
-    ("model.safetensors", lambda f: _truncate(f, 5), "shorter than a safetensors header"),
-    ("model.safetensors", lambda f: f.write_bytes(b"\xff" * 64), "safetensors header of"),
-    ("optimizer.pt", lambda f: _truncate(f), "no zip central directory"),
+    ("model.safetensors", lambda f: _truncate(f), "(truncated: its tensors need"),
+    ("model.safetensors", lambda f: _truncate(f, 5), "not a complete safetensors file (5 bytes)"),
+    ("model.safetensors", lambda f: f.write_bytes(b"\xff" * 64), "not a complete safetensors file (header of"),
+    ("optimizer.pt", lambda f: _truncate(f), "not a complete torch checkpoint (zip archive"),
     ("trainer_state.json", lambda f: f.write_text("{"), "trainer_state.json is not valid JSON"),
     ("trainer_state.json", lambda f: f.write_text("[]"), "trainer_state.json has no global_step"),
 ])
@@ -439,3 +439,16 @@ def test_output_dir_lock_leaves_no_trace_of_a_run_that_wrote_nothing(tmp_path):
     (out / "model.safetensors").write_bytes(b"x")
     lock.release()
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
+def test_weights_file_problem_passes_whole_files_and_names_unreadable_ones(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "whole.safetensors"))
+    torch.save({"w": torch.ones(3)}, tmp_path / "whole.bin")
+    assert saving.weights_file_problem(tmp_path / "whole.safetensors") is None
+    assert saving.weights_file_problem(tmp_path / "whole.bin") is None
+    (tmp_path / "dir.safetensors").mkdir()
+    assert saving.weights_file_problem(tmp_path / "dir.safetensors") == "cannot read: Is a directory"
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert saving.weights_file_problem(tmp_path / "empty.bin").startswith("not a complete torch checkpoint")

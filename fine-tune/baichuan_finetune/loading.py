@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import baichuan_finetune  # noqa: F401  (registers our Auto classes)
 
 from .attention import check_available, kernel_name
 from .configuration_baichuan import chat_generation_config
+from .saving import weights_file_problem
 
 ADAPTER_CONFIG = "adapter_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -64,29 +64,6 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def check_weights_file(path: Path) -> None:
-    """Cheap structural check of one weights file (no tensor is read): a safetensors header whose
-    offsets end exactly at the end of the file, or a readable zip directory of a ``torch.save`` file.
-    Truncated, empty and random files fail here, in one line, rather than inside a loader."""
-    path = Path(path)
-    size = path.stat().st_size
-    if path.suffix == ".safetensors":
-        with open(path, "rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if header_len <= 0 or 8 + header_len > size:
-                raise ModelDirError(f"{path}: not a safetensors file, or truncated ({size} bytes)")
-            try:
-                header = json.loads(f.read(header_len))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-                raise ModelDirError(f"{path}: not a safetensors file (unreadable header)") from None
-        if 8 + header_len + end != size:
-            raise ModelDirError(f"{path}: truncated or corrupt: {size} bytes, its header describes {8 + header_len + end}")
-    elif not zipfile.is_zipfile(path):
-        raise ModelDirError(f"{path}: truncated or corrupt (not a readable torch.save archive, {size} bytes)")
-
-
 def _check_weights(model_dir: Path, names: tuple[str, ...], what: str) -> None:
     present = [name for name in names if (model_dir / name).is_file()]
     if not present:
@@ -103,7 +80,9 @@ def _check_weights(model_dir: Path, names: tuple[str, ...], what: str) -> None:
     else:
         files = [name]
     for f in files:
-        check_weights_file(model_dir / f)
+        problem = weights_file_problem(model_dir / f)
+        if problem:
+            raise ModelDirError(f"{model_dir / f}: {problem}")
 
 
 def resolve_base_dir(name_or_path: str, adapter_dir: Path) -> Path:

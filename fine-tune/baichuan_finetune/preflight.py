@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from .arguments import Arguments, UsageError
+from .saving import weights_file_problem
 
 MODEL_FLAG = "--model_name_or_path"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-# A safetensors header larger than this is not one (the format caps it at 100 MB).
-MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def check_run(args: Arguments) -> dict[str, Any]:
@@ -180,15 +177,18 @@ def _check_weights(directory: Path) -> None:
     """The weight files exist and their headers are intact (safetensors header / zip central directory).
 
     In transformers' order of preference: the first kind present is the one that will be loaded."""
-    for single, index_name, checker in (("model.safetensors", SAFETENSORS_INDEX, check_safetensors),
-                                        ("pytorch_model.bin", BIN_INDEX, check_torch_zip)):
+    for single, index_name in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
         if (directory / single).is_file():
-            checker(directory / single)
-            return
-        if (directory / index_name).is_file():
-            for shard in _index_shards(directory / index_name):
-                checker(directory / shard)
-            return
+            files = [directory / single]
+        elif (directory / index_name).is_file():
+            files = [directory / shard for shard in _index_shards(directory / index_name)]
+        else:
+            continue
+        for f in files:
+            problem = weights_file_problem(f)
+            if problem:
+                raise UsageError(f"{f}: {problem}")
+        return
     raise UsageError(f"{MODEL_FLAG} {directory}: no model weights (model.safetensors, pytorch_model.bin "
                      f"or a sharded {SAFETENSORS_INDEX})")
 
@@ -205,50 +205,6 @@ def _index_shards(index: Path) -> list[str]:
         if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
             raise UsageError(f"{index}: names shard {shard!r}, which is not in {index.parent}")
     return shards
-
-
-def check_safetensors(path: Path) -> None:
-    """The header parses and the tensors it lists fit exactly in the file (a truncated or random file fails)."""
-    bad = f"{path}: not a complete safetensors file"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UsageError(f"{bad} ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(MAX_SAFETENSORS_HEADER, size - 8):
-                raise UsageError(f"{bad} (header of {header_len} bytes in a file of {size})")
-            header = json.loads(f.read(header_len))
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (ValueError, RecursionError):
-        raise UsageError(f"{bad} (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise UsageError(f"{bad} (its header is not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise UsageError(f"{bad} (tensor {name!r} has no data_offsets)")
-        end = max(end, offsets[1])
-    data = size - 8 - header_len
-    if end != data:
-        raise UsageError(f"{bad} (truncated: its tensors need {end} bytes of data, the file holds {data})")
-
-
-def check_torch_zip(path: Path) -> None:
-    """A torch.save file: a zip archive whose central directory (at the end) is intact."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not archive.namelist():
-                raise zipfile.BadZipFile("empty archive")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
-    except zipfile.BadZipFile as e:
-        raise UsageError(f"{path}: not a complete torch checkpoint (zip archive: {e})") from None
 
 
 # ----- positions -----
