@@ -12,6 +12,8 @@ LAYERS = [
     # Self-contained: copied next to saved weights, so they may import nothing of the package but each other.
     {"configuration_baichuan", "tokenization_baichuan", "modeling_baichuan"},
     {"losses", "quantize", "attention"},
+    # Which files hold a directory's weights, each checked whole (no torch): preflight, saving, tools.
+    {"weight_files"},
     {"records", "encoding", "collator", "data_stats"},
     # preference_data: pair records, their encoding and batches (uses preprocess.split_sizes).
     {"preprocess", "preference_data"},

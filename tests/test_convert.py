@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from baichuan_finetune.convert import convert_lm_head, load_weights, weight_files
+from baichuan_finetune.convert import convert_lm_head, load_weights
+from baichuan_finetune.weight_files import weight_files
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 

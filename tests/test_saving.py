@@ -440,15 +440,3 @@ def test_output_dir_lock_leaves_no_trace_of_a_run_that_wrote_nothing(tmp_path):
     lock.release()
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
 
-
-def test_weights_file_problem_passes_whole_files_and_names_unreadable_ones(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"w": torch.ones(3)}, str(tmp_path / "whole.safetensors"))
-    torch.save({"w": torch.ones(3)}, tmp_path / "whole.bin")
-    assert saving.weights_file_problem(tmp_path / "whole.safetensors") is None
-    assert saving.weights_file_problem(tmp_path / "whole.bin") is None
-    (tmp_path / "dir.safetensors").mkdir()
-    assert saving.weights_file_problem(tmp_path / "dir.safetensors") == "cannot read: Is a directory"
-    (tmp_path / "empty.bin").write_bytes(b"")
-    assert saving.weights_file_problem(tmp_path / "empty.bin").startswith("not a complete torch checkpoint")

@@ -218,7 +218,7 @@ CASES = [
     ("cli-model-random-weights", lambda p: cli_model(p.random_weights), 2, "model.safetensors: not a complete safetensors file"),
     ("cli-model-bad-config", lambda p: cli_model(p.bad_config), 2, "config.json: not valid JSON"),
     ("cli-model-no-tokenizer", lambda p: cli_model(p.no_tokenizer), 2, "no tokenizer.model"),
-    ("cli-model-missing-shard", lambda p: cli_model(p.missing_shard), 2, "shard model-00002-of-00002.safetensors is missing"),
+    ("cli-model-missing-shard", lambda p: cli_model(p.missing_shard), 2, "model.safetensors.index.json: names shard 'model-00002-of-00002.safetensors', which is not in"),
     ("cli-lora-base-moved", lambda p: cli_model(p.lora_missing_base), 2, "moved-away is not a directory"),
     ("cli-lora-bad-json", lambda p: cli_model(p.lora_bad_json), 2, "adapter_config.json: not valid JSON"),
     ("cli-lora-truncated", lambda p: cli_model(p.lora_truncated), 2, "adapter_model.safetensors: not a complete safetensors file (truncated"),

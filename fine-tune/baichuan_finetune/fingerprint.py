@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .weight_files import INDEX_SUFFIX, WeightFilesError, index_weight_map, weights_entry
+
 logger = logging.getLogger("baichuan_finetune")
 
 FINGERPRINT_FILE = "base_model_fingerprint.json"
@@ -34,8 +36,6 @@ ARCHITECTURE_FIELDS = ("model_type", "position_embedding", "vocab_size", "hidden
 WEIGHT_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 ROWS = 16
 RELATIVE_TOLERANCE = 1e-3
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 class FingerprintError(ValueError):
@@ -66,17 +66,14 @@ def architecture(config: dict) -> dict:
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
     """The file holding each of `WEIGHT_NAMES` (absent names are left out)."""
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index = model_dir / index_name
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise FingerprintError(f"{index}: no weight_map")
+    try:
+        entry = weights_entry(model_dir)
+        if entry.name.endswith(INDEX_SUFFIX):
+            weight_map = index_weight_map(entry)
             return {n: model_dir / weight_map[n] for n in WEIGHT_NAMES if n in weight_map}
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / single).is_file():
-            return {n: model_dir / single for n in WEIGHT_NAMES}
-    raise FingerprintError(f"{model_dir}: no model weights (model.safetensors, pytorch_model.bin or an index)")
+    except WeightFilesError as e:
+        raise FingerprintError(str(e)) from None
+    return {n: entry for n in WEIGHT_NAMES}
 
 
 def _first_rows(path: Path, names: list[str]) -> dict[str, tuple[list[int], torch.Tensor]]:

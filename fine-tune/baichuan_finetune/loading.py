@@ -26,7 +26,7 @@ import baichuan_finetune  # noqa: F401  (registers our Auto classes)
 
 from .attention import check_available, kernel_name
 from .configuration_baichuan import chat_generation_config
-from .saving import weights_file_problem
+from .weight_files import ADAPTER_WEIGHT_FILES, MODEL_WEIGHT_FILES, WeightFilesError, check_weights
 
 ADAPTER_CONFIG = "adapter_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -36,8 +36,6 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 QUANTIZATION_BITS = (8, 4)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 # ----- validation before loading: one line naming the file, never a traceback from deep in a loader -----
@@ -62,27 +60,6 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelDirError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-def _check_weights(model_dir: Path, names: tuple[str, ...], what: str) -> None:
-    present = [name for name in names if (model_dir / name).is_file()]
-    if not present:
-        raise ModelDirError(f"{model_dir}: no {what} weights ({', '.join(names)})")
-    name = present[0]
-    if name.endswith(".index.json"):
-        weight_map = read_json_object(model_dir / name).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelDirError(f"{model_dir / name}: no weight_map")
-        files = sorted(set(map(str, weight_map.values())))
-        missing = [f for f in files if not (model_dir / f).is_file()]
-        if missing:
-            raise ModelDirError(f"{model_dir / name}: shard {missing[0]} is missing ({len(missing)} of {len(files)})")
-    else:
-        files = [name]
-    for f in files:
-        problem = weights_file_problem(model_dir / f)
-        if problem:
-            raise ModelDirError(f"{model_dir / f}: {problem}")
 
 
 def resolve_base_dir(name_or_path: str, adapter_dir: Path) -> Path:
@@ -111,11 +88,18 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
+def _check_weights(model_dir: Path, names: tuple[str, ...], what: str) -> None:
+    try:
+        check_weights(model_dir, names, what)
+    except WeightFilesError as e:
+        raise ModelDirError(str(e)) from None
+
+
 def _check_full_model(model_dir: Path) -> None:
     config = read_json_object(model_dir / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise ModelDirError(f"{model_dir / 'config.json'}: no model_type")
-    _check_weights(model_dir, WEIGHT_FILES, "model")
+    _check_weights(model_dir, MODEL_WEIGHT_FILES, "model")
 
 
 def check_model_dir(path: str | os.PathLike, flag: str = "--model") -> str:

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Arguments, UsageError
-from .saving import weights_file_problem
+from .weight_files import WeightFilesError, check_weights
 
 MODEL_FLAG = "--model_name_or_path"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def check_run(args: Arguments) -> dict[str, Any]:
@@ -140,7 +138,10 @@ def check_model_dir(directory: Path) -> dict[str, Any]:
     if not tokenizer.is_file():
         raise UsageError(f"{MODEL_FLAG} {directory}: no tokenizer.model (the Baichuan2 sentencepiece tokenizer)")
     _check_tokenizer(tokenizer)
-    _check_weights(directory)
+    try:
+        check_weights(directory)  # in transformers' order of preference: the kind that will be loaded
+    except WeightFilesError as e:
+        raise UsageError(str(e)) from None
     return config
 
 
@@ -171,40 +172,6 @@ def _check_tokenizer(path: Path) -> None:
         spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # sentencepiece raises RuntimeError or OSError with a C++ message
         raise UsageError(f"{path}: not a sentencepiece model: {' '.join(str(e).split())[:200]}") from None
-
-
-def _check_weights(directory: Path) -> None:
-    """The weight files exist and their headers are intact (safetensors header / zip central directory).
-
-    In transformers' order of preference: the first kind present is the one that will be loaded."""
-    for single, index_name in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
-        if (directory / single).is_file():
-            files = [directory / single]
-        elif (directory / index_name).is_file():
-            files = [directory / shard for shard in _index_shards(directory / index_name)]
-        else:
-            continue
-        for f in files:
-            problem = weights_file_problem(f)
-            if problem:
-                raise UsageError(f"{f}: {problem}")
-        return
-    raise UsageError(f"{MODEL_FLAG} {directory}: no model weights (model.safetensors, pytorch_model.bin "
-                     f"or a sharded {SAFETENSORS_INDEX})")
-
-
-def _index_shards(index: Path) -> list[str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        weight_map = None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise UsageError(f"{index}: not a weight index (expected a JSON object with a \"weight_map\")")
-    shards = sorted({str(s) for s in weight_map.values()})
-    for shard in shards:
-        if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
-            raise UsageError(f"{index}: names shard {shard!r}, which is not in {index.parent}")
-    return shards
 
 
 # ----- positions -----

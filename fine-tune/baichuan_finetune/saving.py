@@ -57,6 +57,7 @@ from transformers import GenerationConfig
 
 from .arguments import UsageError
 from .configuration_baichuan import chat_generation_config
+from .weight_files import weights_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -300,64 +301,6 @@ def checkpoint_bytes(path: str | os.PathLike) -> int | None:
         return int(json.loads((Path(path) / COMPLETE_MARKER).read_text())["total_bytes"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
-
-
-def weights_file_problem(path: str | os.PathLike) -> str | None:
-    """What is structurally wrong with one weights file, None when nothing is (no tensor is read).
-
-    ``*.safetensors``: the header parses and its tensors end exactly at the end of the file. Anything
-    else is taken as a ``torch.save`` file: a zip archive whose central directory (at its end) is
-    intact. Truncated, empty and random files fail here in one phrase, rather than inside a loader.
-    The one check behind training's preflight, resume's `validate_checkpoint` and the tools' loading.
-    """
-    path = Path(path)
-    try:
-        return _safetensors_problem(path) if path.suffix == ".safetensors" else _torch_zip_problem(path)
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    bad = "not a complete safetensors file"
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{bad} ({size} bytes)"
-        header_len = int.from_bytes(head, "little")
-        if header_len > min(MAX_SAFETENSORS_HEADER, size - 8):
-            return f"{bad} (header of {header_len} bytes in a file of {size})"
-        try:
-            header = json.loads(f.read(header_len))
-        except (ValueError, RecursionError):
-            return f"{bad} (its header is not JSON)"
-    if not isinstance(header, dict):
-        return f"{bad} (its header is not a JSON object)"
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"{bad} (tensor {name!r} has no data_offsets)"
-        end = max(end, offsets[1])
-    data = size - 8 - header_len
-    if end != data:
-        return f"{bad} (truncated: its tensors need {end} bytes of data, the file holds {data})"
-    return None
-
-
-def _torch_zip_problem(path: Path) -> str | None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not archive.namelist():
-                return "not a complete torch checkpoint (an empty zip archive)"
-    except zipfile.BadZipFile as e:
-        return f"not a complete torch checkpoint (zip archive: {e})"
-    return None
 
 
 def validate_checkpoint(path: str | os.PathLike) -> str | None:
