@@ -58,3 +58,20 @@ def test_convert_lm_head_normalises_rows_and_keeps_logits(tmp_path, tiny_model_d
 def test_convert_refuses_same_directory(tiny_model_dir):
     with pytest.raises(ValueError, match="must differ"):
         convert_lm_head(tiny_model_dir, tiny_model_dir)
+
+
+def test_convert_refuses_a_truncated_checkpoint_in_one_line(tmp_path, tiny_model_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.is_file():
+            (src / f.name).write_bytes(f.read_bytes())
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate((src / "model.safetensors").stat().st_size // 2)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_lm_head.py"), str(src), str(tmp_path / "dst")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"convert_lm_head: {src / 'model.safetensors'}: not a complete safetensors file (truncated"), proc.stderr
+    assert not (tmp_path / "dst").exists()
