@@ -68,12 +68,12 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     """The file holding each of `WEIGHT_NAMES` (absent names are left out)."""
     try:
         entry = weights_entry(model_dir)
-        if entry.name.endswith(INDEX_SUFFIX):
-            weight_map = index_weight_map(entry)
-            return {n: model_dir / weight_map[n] for n in WEIGHT_NAMES if n in weight_map}
+        weight_map = index_weight_map(entry) if entry.name.endswith(INDEX_SUFFIX) else None
     except WeightFilesError as e:
         raise FingerprintError(str(e)) from None
-    return {n: entry for n in WEIGHT_NAMES}
+    if weight_map is None:
+        return {n: entry for n in WEIGHT_NAMES}
+    return {n: model_dir / weight_map[n] for n in WEIGHT_NAMES if n in weight_map}
 
 
 def _first_rows(path: Path, names: list[str]) -> dict[str, tuple[list[int], torch.Tensor]]:

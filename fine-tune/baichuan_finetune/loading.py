@@ -36,8 +36,6 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 QUANTIZATION_BITS = (8, 4)
 
 
-
-
 # ----- validation before loading: one line naming the file, never a traceback from deep in a loader -----
 
 
