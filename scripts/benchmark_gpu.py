@@ -50,10 +50,12 @@ WIDTHS = {
 }
 
 
-def availability(name: str, device: str, training: bool) -> str | None:
-    """None when ``name`` can run here, else the one-line reason."""
+def availability(name: str, device: str, training: bool, config: BaichuanConfig | None = None) -> str | None:
+    """None when ``name`` can run here (and compute `config`'s attention, when given), else the one-line reason."""
     try:
         check_available(name, device, training=training)
+        if config is not None:
+            check_model(name, config)
     except ValueError as err:
         return str(err)
     return None
@@ -156,12 +158,7 @@ def correctness(device: str, quick: bool) -> list[str]:
         ref_out, ref_grads = run(reference, "sdpa", torch.float32)
         yardstick = None
         for name in KERNELS + ["eager"]:
-            reason = availability(name, device, training=False)
-            if reason is None and name == "xformers" and position == "alibi":
-                try:
-                    check_model(name, config)
-                except ValueError as err:
-                    reason = str(err)
+            reason = availability(name, device, training=False, config=config)
             if reason is not None:
                 lines.append(f"{position:<9} {name:<18} {'-':>11} {'-':>9} {'-':>12} {'-':>9}  unavailable: {reason}")
                 continue
@@ -234,12 +231,7 @@ def training(device: str, args, rows, peak: float) -> list[str]:
             trainable = [p for p in model.parameters() if p.requires_grad]
             sdpa_speed = None
             for name in KERNELS:
-                reason = availability(name, device, training=True)
-                if reason is None and name == "xformers":
-                    try:
-                        check_model(name, config)
-                    except ValueError as err:
-                        reason = str(err)
+                reason = availability(name, device, training=True, config=config)
                 if reason is not None:
                     lines.append(f"{width:<5} {method:<5} {name:<18} unavailable: {reason}")
                     continue

@@ -223,16 +223,30 @@ SLEEPER = textwrap.dedent("""
 """)
 
 
-def start_sleepers(tmp_path: Path):
+def sleeper_script(tmp_path: Path) -> Path:
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER.format(launch_guard=str(LAUNCH_GUARD)))
+    return script
+
+
+def wait_for_guarded_ranks(log: Path) -> list[list[str]]:
+    """The first two ``GUARD pid launcher watched`` lines of the sleeping ranks, split into words."""
+
+    def two_lines():
+        lines = [ln.split() for ln in log.read_text().splitlines() if ln.startswith("GUARD")]
+        return lines[:2] if len(lines) >= 2 else None
+
+    return wait_for(two_lines, 120, "two guarded ranks", log)
+
+
+def start_sleepers(tmp_path: Path):
+    script = sleeper_script(tmp_path)
     log = tmp_path / "deepspeed.log"
     with open(log, "w") as out:
         runner = subprocess.Popen([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                                    str(script)], env=base_env(), stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-    ranks = wait_for(lambda: [ln.split() for ln in log.read_text().splitlines() if ln.startswith("GUARD")][:2]
-                     if log.read_text().count("GUARD") >= 2 else None, 120, "two guarded ranks", log)
+    ranks = wait_for_guarded_ranks(log)
     launchers = [p for p in descendants(runner.pid) if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
     assert len(launchers) == 1
     return runner, launchers[0].pid, ranks, log
@@ -265,8 +279,7 @@ def test_sleeping_ranks_die_with_their_node_launcher(tmp_path):
 
 
 def test_sleeping_ranks_die_with_torchrun(tmp_path):
-    script = tmp_path / "sleeper.py"
-    script.write_text(SLEEPER.format(launch_guard=str(LAUNCH_GUARD)))
+    script = sleeper_script(tmp_path)
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
         torchrun = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -274,8 +287,7 @@ def test_sleeping_ranks_die_with_torchrun(tmp_path):
                                     start_new_session=True)
     pids: list[int] = []
     try:
-        ranks = wait_for(lambda: [ln.split() for ln in log.read_text().splitlines() if ln.startswith("GUARD")][:2]
-                         if log.read_text().count("GUARD") >= 2 else None, 120, "two guarded ranks", log)
+        ranks = wait_for_guarded_ranks(log)
         pids = [int(r[1]) for r in ranks]
         assert [r[2:] for r in ranks] == [["torchrun", "None"]] * 2
         torchrun.kill()
