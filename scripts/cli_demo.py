@@ -1,6 +1,7 @@
 """Chat in the terminal with a base model, a full fine-tune or a LoRA adapter directory.
 
     python scripts/cli_demo.py --model output/lora
+    python scripts/cli_demo.py --model output/lora --system "You are a helpful assistant."
 
 Type 'clear' for a new conversation, 'stream' to toggle streaming, 'exit' to quit; end a line
 with '\\' to continue it or bracket a pasted block with lines of '\"\"\"'; Ctrl+C stops a reply.
@@ -17,6 +18,8 @@ def main(argv=None) -> None:
     parser = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--no_stream", action="store_true", help="print each reply when it is complete")
+    parser.add_argument("--system", default="", metavar="TEXT",
+                        help="system prompt of every conversation (as a training record's 'system' field)")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
     try:  # every flag and the model directory before loading anything: one line, exit 2
@@ -31,7 +34,7 @@ def main(argv=None) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    run_terminal_chat(model, tokenizer, config, stream=not args.no_stream)
+    run_terminal_chat(model, tokenizer, config, stream=not args.no_stream, system=args.system)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None and not value > 0:
                 raise plan.PlanError(f"--{flag} {value:g}: must be positive")
+            if value is not None and not math.isfinite(value):
+                raise plan.PlanError(f"--{flag} {value:g}: must be a finite number of GB")
         setup = plan.Setup(
             shape=shape, method=args.method, lora_r=args.lora_r, lora_targets=targets,
             nodes=1 if args.device == "cpu" else args.nodes,

@@ -165,6 +165,14 @@ cmd+=(--master_port "$master_port")
 cmd+=("$ROOT/fine-tune/fine-tune.py")
 cmd+=(${passthrough[@]+"${passthrough[@]}"})
 
+# Without the environment, bash would only say "deepspeed: command not found" (a dry run needs none).
+if ((!dry_run)) && ! command -v deepspeed >/dev/null 2>&1; then
+    if [[ -x "$ROOT/.venv/bin/deepspeed" ]]; then
+        die "deepspeed: not on PATH: activate the environment first (source .venv/bin/activate)"
+    fi
+    die "deepspeed: not installed: create the environment (bash scripts/setup.sh), then source .venv/bin/activate"
+fi
+
 printf '+'
 printf ' %q' "${cmd[@]}"
 printf '\n'

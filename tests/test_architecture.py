@@ -11,6 +11,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fine-tune" / "baichuan_fine
 LAYERS = [
     # Self-contained: copied next to saved weights, so they may import nothing of the package but each other.
     {"configuration_baichuan", "tokenization_baichuan", "modeling_baichuan"},
+    # quiet (library noise filters), launch_checks (fine-tune.py's checks before torch): stdlib only.
+    {"quiet", "launch_checks"},
     {"losses", "quantize", "attention"},
     # Which files hold a directory's weights, each checked whole (no torch): preflight, saving, tools.
     {"weight_files"},
@@ -20,7 +22,8 @@ LAYERS = [
     # plan: the memory planner reads config.json only; train and scripts/plan.py import it.
     {"data_preview", "arguments", "plan"},
     # launch_guard (rank <-> launcher) and fingerprint (base recorded in adapters): train imports them.
-    {"lora", "trainer", "saving", "preflight", "launch_guard", "fingerprint", "preference"},
+    {"lora", "trainer", "saving", "preflight", "launch_guard", "fingerprint", "preference", "preemption",
+     "checkpoint_trust", "resume_checks"},
     {"train"},
     {"loading", "convert", "openai_requests"},
     {"generation"},

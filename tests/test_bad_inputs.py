@@ -91,6 +91,17 @@ def remove(name: str) -> Callable[[Path], None]:
     return lambda d: (d / name).unlink()
 
 
+def recorded(c: Ctx, *flags: object, model: Path | None = None) -> Path:
+    """A complete checkpoint whose run record (resume_checks.py) is that of a run with `flags`."""
+    from baichuan_finetune.arguments import parse_args
+    from baichuan_finetune.resume_checks import run_record, write_run_record
+
+    args = parse_args(c.args(*flags, model=model))
+    path = c.checkpoint(damage=lambda p: write_run_record(p, run_record(args, args.model.model_name_or_path)))
+    saving.mark_checkpoint_complete(path, 2)  # again, now listing run_record.json
+    return path
+
+
 def ds_with(**changes) -> dict:
     config = json.loads((REPO_ROOT / "ds_config_zero2.json").read_text())
     for key, value in changes.items():
@@ -117,6 +128,21 @@ def write_bin(d: Path) -> None:
     (d / "model.safetensors").unlink()
     torch.save({"w": torch.zeros(4)}, d / "pytorch_model.bin")
     truncate(d / "pytorch_model.bin")
+
+
+def set_config(**changes) -> Callable[[Path], None]:
+    """A breaker that sets fields of the model's config.json (written as Python's json writes them)."""
+    def breaker(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **changes}))
+    return breaker
+
+
+def pairs_identical_after_cut(ctx: Ctx) -> list[str]:
+    """Preference pairs whose answers differ only after --model_max_length: nothing left to prefer."""
+    same = "The answer is " + "very " * 40
+    pairs = [{"prompt": "Which?", "chosen": same + "yes.", "rejected": same + "no."}] * 2
+    return ctx.args("--stage", "dpo", "--model_max_length", 32, data=ctx.file("p.json", pairs))
 
 
 def read_only_output(ctx: Ctx) -> list[str]:
@@ -152,6 +178,17 @@ def output_under_file(ctx: Ctx) -> list[str]:
     return ctx.args()
 
 
+def output_dangling_symlink(ctx: Ctx) -> list[str]:
+    ctx.out.symlink_to(ctx.tmp / "gone" / "target")  # os.makedirs would say only "File exists"
+    return ctx.args()
+
+
+def data_fifo(ctx: Ctx) -> list[str]:
+    """What ``--data_path <(cat x.json)`` gives: a pipe, readable once (refused before anything opens it)."""
+    os.mkfifo(ctx.tmp / "fifo")
+    return ctx.args(data=ctx.tmp / "fifo")
+
+
 def hub_id_not_cached(ctx: Ctx) -> list[str]:
     os.environ["HF_HUB_OFFLINE"] = "1"  # the row runners restore the environment
     return ctx.args(model="no-such-org/no-such-model")
@@ -160,7 +197,9 @@ def hub_id_not_cached(ctx: Ctx) -> list[str]:
 # (id, exit code, expected text in the one error line, how to build the command line, mode)
 ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
     # --- flags (today's known bad flags) ---
-    ("unknown-flag", 2, "['--bogus_flag', '1']", lambda c: c.args("--bogus_flag", 1), SUB),
+    ("unknown-flag", 2, "unrecognized argument --bogus_flag (see --help)", lambda c: c.args("--bogus_flag", 1), SUB),
+    ("mistyped-flag", 2, "unrecognized argument --learnig_rate (did you mean --learning_rate?)",
+     lambda c: c.args("--learnig_rate", "1e-4"), SUB),
     ("padding-choice", 2, "--padding: invalid choice: 'sideways'", lambda c: c.args("--padding", "sideways"), ""),
     ("truncation-choice", 2, "--truncation: invalid choice: 'tail'", lambda c: c.args("--truncation", "tail"), ""),
     ("on-bad-record-choice", 2, "invalid choice: 'fix'", lambda c: c.args("--on_bad_record", "fix"), ""),
@@ -177,6 +216,18 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
     ("lora-dropout-1", 2, "--lora_dropout 1.0", lambda c: c.args("--use_lora", True, "--lora_dropout", 1), ""),
     ("lora-targets-empty", 2, "--lora_target_modules",
      lambda c: c.args("--use_lora", True, "--lora_target_modules", ","), ""),
+    ("lora-targets-llama", 2, "--lora_target_modules q_proj,v_proj: q_proj, v_proj are not Baichuan2 modules "
+     "(Baichuan2 projects q, k and v with one fused W_pack); did you mean W_pack?",
+     lambda c: c.args("--use_lora", True, "--lora_target_modules", "q_proj,v_proj"), SUB),
+    ("lora-targets-bogus", 2, "--lora_target_modules bogus: no module named bogus in Baichuan2; valid: W_pack, "
+     "o_proj, gate_proj, up_proj, down_proj or all-linear",
+     lambda c: c.args("--use_lora", True, "--lora_target_modules", "bogus"), ""),
+    ("lora-targets-lm-head", 2, "--lora_target_modules lm_head: lm_head cannot take LoRA adapters",
+     lambda c: c.args("--use_lora", True, "--lora_target_modules", "lm_head"), ""),
+    ("lora-targets-embed-tokens", 2, "--lora_target_modules W_pack,embed_tokens: embed_tokens cannot take LoRA",
+     lambda c: c.args("--use_lora", True, "--lora_target_modules", "W_pack,embed_tokens"), ""),
+    ("lora-r-beyond-model", 2, "--lora_r 1000000000: at most 128 for ",
+     lambda c: c.args("--use_lora", True, "--lora_r", 1000000000), ""),
     ("q-lora-without-lora", 2, "add --use_lora True", lambda c: c.args("--q_lora", True), ""),
     ("not-a-number", 2, "--learning_rate", lambda c: c.args("--learning_rate", "fast"), ""),
     # --- counts and rates that used to fail only after loading ---
@@ -200,6 +251,10 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
     ("model-is-a-file", 2, "is a file; give the model's directory", lambda c: c.args(model=c.data), ""),
     ("model-no-weights", 2, "no model weights", lambda c: c.args(model=c.model(remove("model.safetensors"))), ""),
     ("model-no-config", 2, "no config.json", lambda c: c.args(model=c.model(remove("config.json"))), ""),
+    ("model-custom-code", 2, 'config.json: model_type "evil" is not Baichuan2',
+     lambda c: c.args(model=c.model(set_config(model_type="evil", auto_map={"AutoConfig": "evil.Config"}))), ""),
+    ("model-foreign-auto-map", 2, "config.json: auto_map names code that is not this toolkit's",
+     lambda c: c.args(model=c.model(set_config(auto_map={"AutoModelForCausalLM": "evil.Model"}))), ""),
     ("model-config-invalid-json", 2, "config.json: not valid JSON",
      lambda c: c.args(model=c.model(lambda d: (d / "config.json").write_text("{\"hidden_size\": "))), ""),
     ("model-config-a-list", 2, "config.json: expected a JSON object",
@@ -207,6 +262,18 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
     ("model-config-bad-field", 2, "config.json: \"hidden_size\" \"big\"",
      lambda c: c.args(model=c.model(lambda d: (d / "config.json").write_text(
          (d / "config.json").read_text().replace('"hidden_size": 128', '"hidden_size": "big"')))), ""),
+    ("model-config-null-size", 2, "config.json: \"intermediate_size\" null: expected a whole number",
+     lambda c: c.args(model=c.model(set_config(intermediate_size=None))), ""),
+    ("model-config-text-size", 2, "config.json: \"intermediate_size\" \"big\": expected a whole number",
+     lambda c: c.args(model=c.model(set_config(intermediate_size="big"))), ""),
+    ("model-config-huge-size", 2, f"config.json: \"vocab_size\" {10**22}: expected a whole number from 1 to",
+     lambda c: c.args(model=c.model(set_config(vocab_size=10**22))), ""),
+    ("model-config-0-heads", 2, "config.json: \"num_attention_heads\" 0: expected a whole number",
+     lambda c: c.args(model=c.model(set_config(num_attention_heads=0))), ""),
+    ("model-config-negative-size", 2, "config.json: \"hidden_size\" -128: expected a whole number",
+     lambda c: c.args(model=c.model(set_config(hidden_size=-128))), ""),
+    ("model-rope-odd-head-size", 2, "head size 1 (hidden_size 128 / num_attention_heads 128) is odd; RoPE needs "
+     "an even head size", lambda c: c.args(model=c.model(set_config(num_attention_heads=128))), SUB),
     ("model-no-tokenizer", 2, "no tokenizer.model", lambda c: c.args(model=c.model(remove("tokenizer.model"))), ""),
     ("model-tokenizer-garbage", 2, "tokenizer.model: not a sentencepiece model",
      lambda c: c.args(model=c.model(lambda d: (d / "tokenizer.model").write_bytes(os.urandom(300)))), ""),
@@ -256,6 +323,32 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
                 c.args("--resume_from_checkpoint", True))[1], ""),
     ("resume-invalid-trainer-state", 2, "trainer_state.json is not valid JSON",
      lambda c: c.args("--resume_from_checkpoint", c.checkpoint(state="{\"global_step\": ")), ""),
+    ("resume-marker-without-file-list", 2, "checkpoint_complete.json lists no files with their size and sha256",
+     lambda c: c.args("--resume_from_checkpoint", c.checkpoint(
+         damage=lambda p: (p / saving.COMPLETE_MARKER).write_text('{"global_step": 2}'))), ""),
+    ("resume-unsafe-pickle", 2, "rng_state.pth: holds pickled objects that are not plain tensors or values",
+     lambda c: c.args("--resume_from_checkpoint", c.checkpoint(
+         damage=lambda p: (torch.save({"a": Ctx}, p / "rng_state.pth"), saving.mark_checkpoint_complete(p, 2)))), ""),
+    ("resume-no-run-record", 2, "no run_record.json (written by an older version)",
+     lambda c: c.args("--resume_from_checkpoint", c.checkpoint()), ""),
+    ("resume-other-max-length", 2, "--model_max_length was 64 when checkpoint-2 was written, now 512",
+     lambda c: c.args("--resume_from_checkpoint", recorded(c, "--model_max_length", 64)), ""),
+    ("resume-other-batch-size", 2, "--per_device_train_batch_size was 4 when checkpoint-2 was written, now 8",
+     lambda c: c.args("--resume_from_checkpoint", recorded(c, "--per_device_train_batch_size", 4)), ""),
+    ("resume-other-data", 2, "--data_path was",
+     lambda c: c.args("--resume_from_checkpoint", recorded(c), data=c.file("other.json", [GOOD] * 5)), ""),
+    ("resume-without-use-lora", 2, "--use_lora was True when checkpoint-2 was written, now False",
+     lambda c: c.args("--resume_from_checkpoint", recorded(c, "--use_lora", True)), ""),
+    ("resume-other-lora-rank", 2, "--lora_r was 1 when checkpoint-2 was written, now 8; this changes what",
+     lambda c: c.args("--use_lora", True, "--lora_r", 8, "--resume_from_checkpoint", recorded(c, "--use_lora", True)),
+     ""),
+    ("resume-other-lora-targets", 2, "--lora_target_modules was W_pack when checkpoint-2 was written, now all-linear",
+     lambda c: c.args("--use_lora", True, "--lora_target_modules", "all-linear", "--resume_from_checkpoint",
+                      recorded(c, "--use_lora", True, "--lora_target_modules", "W_pack")), ""),
+    ("resume-other-base-model", 2, "another architecture); resume with the base model it was trained from",
+     lambda c: c.args("--resume_from_checkpoint", recorded(c, model=c.alibi)), ""),
+    ("resume-ignore-unknown-name", 2, "--resume_ignore_mismatch lora_r: 'lora_r' cannot be ignored",
+     lambda c: c.args("--resume_ignore_mismatch", "lora_r"), ""),
     # --- data (exit 1) ---
     ("data-lone-surrogate", 1, "record 1: conversations[0].value: invalid Unicode: lone surrogate U+D800",
      lambda c: c.args(data=c.file("s.json", [GOOD, surrogate_record()])), SUB),
@@ -283,9 +376,20 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
      lambda c: c.args("--eval_data_path", c.file("e.json", [{"conversations": [{"from": "bot", "value": "b"}]}])), ""),
     ("eval-data-surrogate", 1, "in the eval data: ",
      lambda c: c.args("--eval_data_path", c.file("e.json", [surrogate_record("value")])), ""),
+    ("dpo-pairs-identical-after-truncation", 1, "p.json: no preference pair left to train on (dropped: 2 chosen "
+     "and rejected identical after truncation at --model_max_length 32)", pairs_identical_after_cut, ""),
     ("data-bad-record-existing-output", 1, "unknown role 'robot'",
      lambda c: (c.file("out/keep.txt", "previous results"),
                 c.args(data=c.file("r.json", [{"conversations": [{"from": "robot", "value": "b"}]}])))[1], ""),
+    ("output-dir-dangling-symlink", 2, "out: a dangling symbolic link (to ", output_dangling_symlink, ""),
+    ("data-pipe", 1, "fifo: not a regular file (a pipe, e.g. a <(...) process substitution", data_fifo, ""),
+    ("data-comma-list-part-missing", 1, "nope.json: no such file or directory (the data path",
+     lambda c: c.args(data=f"{c.data},{c.tmp / 'nope.json'}"), ""),
+    ("data-openai-weight-half", 1, "w.jsonl line 1: messages[1].weight: weight 0.5: expected 0 (not trained) or 1",
+     lambda c: c.args(data=c.file("w.jsonl", json.dumps({"messages": [
+         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}))), ""),
+    ("data-cache-dir-is-file", 1, "cachefile: not a directory (--data_cache_dir",
+     lambda c: c.args("--data_cache_dir", c.file("cachefile", "not a directory")), ""),
 ]
 
 if torch.cuda.is_available():

@@ -121,3 +121,44 @@ def test_generation_flag_limits():
                       (flags(temperature=float("inf")), "--temperature")):
         with pytest.raises(ValueError, match=flag):
             check_generation_arguments(bad)
+
+
+SYSTEM = "你是一个只用中文回答的助手。"
+
+
+def training_prompt_ids(tokenizer, system: str, message: str) -> list[int]:
+    """The training encoding of ``{system, [user message, assistant ...]}`` up to the assistant role id:
+    what the model saw before each answer it learned (the independent oracle of the chat prompt)."""
+    from baichuan_finetune.encoding import encode_conversations
+    from baichuan_finetune.records import ASSISTANT, USER, Conversation
+
+    conversation = Conversation(turns=[(USER, message), (ASSISTANT, "好的")], system=system)
+    input_ids, _ = encode_conversations(tokenizer, [conversation], 4096).examples()[0]
+    return input_ids[: input_ids.index(196) + 1]
+
+
+def test_system_prompt_ids_equal_the_training_encoding(lora_dir):
+    """--system: the chat prompt is the training encoding of the same conversation with that system
+    field, and the terminal's reply (also after 'clear') is the one generated from those ids."""
+    from baichuan_finetune.chat_cli import new_conversation
+    from baichuan_finetune.generation import build_prompt_ids, make_generation_config
+    from baichuan_finetune.loading import load_model
+
+    model, tokenizer = load_model(lora_dir)
+    messages = new_conversation(SYSTEM) + [{"role": "user", "content": MESSAGE}]
+    prompt = training_prompt_ids(tokenizer, SYSTEM, MESSAGE)
+    assert build_prompt_ids(model, tokenizer, messages, 16) == prompt
+    assert prompt != training_prompt_ids(tokenizer, "", MESSAGE)  # the system text is really in it
+    config = make_generation_config(model, max_new_tokens=16, greedy=True)
+    expected = generate_reply(model, tokenizer, messages, config, prompt_ids=prompt).text
+    without_system = generate_reply(model, tokenizer, messages[1:], config).text
+    assert expected != without_system  # so the terminal's reply shows which prompt it used
+
+    child = spawn_cli(lora_dir, "--max_new_tokens", "16", "--system", SYSTEM)
+    assert ask(child, MESSAGE) == expected
+    child.sendline("clear")
+    child.expect_exact("(history cleared)")
+    child.expect_exact("User: ")
+    assert ask(child, MESSAGE) == expected  # 'clear' keeps the system prompt
+    child.sendline("exit")
+    child.expect(__import__("pexpect").EOF)

@@ -210,3 +210,24 @@ def test_text_that_cannot_be_encoded_safely_names_its_record():
     assert len(encode_conversations(sp, [good], 100).examples()) == 1
     with pytest.raises(DataError, match=r"^x.jsonl line 2: text 'ö' would encode to special id 0"):
         encode_conversations(sp, [good, bad], 100)
+
+
+def test_weight_zero_answers_are_not_trained(sp):
+    """OpenAI's ``"weight": 0``: that answer's text and the eos that ends it carry no label; the labels
+    here are written out by hand from the official layout."""
+    q1, a1, q2, a2 = (plain_ids(sp, t) for t in ("first question", "ignored answer", "second", "kept answer"))
+    ignore = [-100]
+    turns = [(USER, "first question"), (ASSISTANT, "ignored answer"), (USER, "second"), (ASSISTANT, "kept answer")]
+    ids, labels = encode_conversation(sp, Conversation(turns=turns, untrained_turns=(1,)), 1000)
+    assert ids == [195, *q1, 196, *a1, 195, *q2, 196, *a2, 2]
+    assert labels == [2, *ignore * len(q1), *ignore * (1 + len(a1)), *ignore, *ignore * len(q2), -100, *a2, 2]
+    # The last answer untrained: the final eos is not learned either; the first one is.
+    ids, labels = encode_conversation(sp, Conversation(turns=turns, untrained_turns=(3,)), 1000)
+    assert labels == [2, *ignore * len(q1), -100, *a1, 2, *ignore * len(q2), *ignore * (1 + len(a2)), -100]
+    # Rounds truncation that ends on an untrained answer adds an unlabelled eos.
+    cut, cut_labels = encode_conversation(sp, Conversation(turns=turns + [(USER, "x " * 50), (ASSISTANT, "y")],
+                                                           untrained_turns=(3,)), 40, truncation="rounds")
+    assert cut == ids[:-1] + [2] and cut_labels == labels
+    # Nothing left to learn: dropped and counted like any example without a supervised label.
+    chunk = encode_conversations(sp, [Conversation(turns=turns, untrained_turns=(1, 3), source="w line 1")], 1000)
+    assert chunk.dropped == {"no supervised label after truncation": 1}

@@ -1,5 +1,6 @@
 """Multiple-choice evaluation: prompt format, letter scoring, left-padded batches, layouts, LoRA."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -233,3 +234,96 @@ def test_real_tokenizer_letters(tiny_real_vocab_model_dir):
     for style in ev.PROMPT_STYLES.values():
         ids = ev.letter_token_ids(tokenizer, style)
         assert [tokenizer.decode([i]).strip() for i in ids] == ["A", "B", "C", "D"]
+
+
+# ----- accuracy against an independent oracle -----
+
+RIGGED = [("北京是哪个国家的首都", ("中国", "日本", "法国", "美国")), ("水的化学式是什么", ("CO2", "H2O", "O2", "NaCl")),
+          ("一年有几个月", ("十", "十一", "十二", "十三")), ("太阳从哪边升起", ("东", "西", "南", "北")),
+          ("三角形有几条边", ("两", "三", "四", "五")), ("What is 7 times 6?", ("42", "36", "48", "56")),
+          ("哪种动物会飞", ("鱼", "猫", "鸟", "牛")), ("最大的海洋是", ("大西洋", "印度洋", "北冰洋", "太平洋")),
+          ("Which is a colour?", ("table", "blue", "run", "seven")), ("光速大约是多少", ("三十万公里每秒", "一千米每秒", "声速", "零"))]
+SHOT = ("1+1=?", ("1", "2", "3", "4"), "B")
+
+
+def oracle_letters(model, tokenizer) -> list[str]:
+    """The letter whose token has the largest logit after each rigged prompt, from one unpadded forward
+    pass per prompt; the prompt text and the letter tokens are written out here, not taken from `ev`."""
+    shot_q, shot_options, shot_answer = SHOT
+    header = "以下是关于arith的单项选择题，请直接给出正确答案的选项。\n\n"
+    shot = f"题目：{shot_q}\n" + "".join(f"{l}. {o}\n" for l, o in zip("ABCD", shot_options)) + f"答案：{shot_answer}\n\n"
+    letters = []
+    for question, options in RIGGED:
+        prompt = header + shot + f"题目：{question}\n" + "".join(f"{l}. {o}\n" for l, o in zip("ABCD", options)) + "答案："
+        ids = tokenizer.encode_plain_text(prompt)
+        letter_ids = []
+        for letter in "ABCD":  # the token the prompt grows by when the letter follows it
+            longer = tokenizer.encode_plain_text(prompt + letter)
+            assert longer[: len(ids)] == ids and len(longer) == len(ids) + 1
+            letter_ids.append(longer[-1])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        letters.append("ABCD"[int(logits[letter_ids].argmax())])
+    return letters
+
+
+def test_accuracy_is_the_argmax_of_the_letter_logits(tiny, tmp_path):
+    """Answers rigged from the oracle: the even questions right, the odd ones wrong, so the accuracy is
+    known exactly; a scorer that ignores the model (always "A") or a shifted logit fails it."""
+    model, tokenizer = tiny
+    expected = oracle_letters(model, tokenizer)
+    assert len(set(expected)) >= 2, expected  # else an always-the-same-letter scorer could not be told apart
+    answers = [e if i % 2 == 0 else next(l for l in "DCBA" if l != e) for i, e in enumerate(expected)]
+    for split, rows in (("dev", [(*SHOT[:2], SHOT[2])]), ("val", [(q, o, a) for (q, o), a in zip(RIGGED, answers)])):
+        (tmp_path / split).mkdir()
+        lines = ["id,question,A,B,C,D,answer"] + [f"{i},{q},{','.join(o)},{a}" for i, (q, o, a) in enumerate(rows)]
+        (tmp_path / split / f"arith_{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = ev.evaluate_task(model, tokenizer, tmp_path, shots=1, batch_size=3)  # left-padded batches
+    result = report["subjects"]["arith"]
+    assert result["predictions"] == expected
+    assert result["correct"] == (len(RIGGED) + 1) // 2 and result["accuracy"] == pytest.approx(0.5)
+    assert report["overall_accuracy"] == pytest.approx(0.5)
+
+
+def test_one_question_writes_valid_json(tiny_model_dir, tmp_path):
+    """The standard error of one question is undefined: null, never a bare NaN (not JSON)."""
+    script = importlib.util.spec_from_file_location("evaluate_script", SCRIPTS / "evaluate.py")
+    module = importlib.util.module_from_spec(script)
+    script.loader.exec_module(module)
+    root = write_layout(tmp_path / "task", "ceval")
+    out = tmp_path / "results.json"
+    module.main(["--model", str(tiny_model_dir), "--task_dir", str(root), "--shots", "0", "--limit", "1",
+                 "--output_json", str(out)])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    results = json.loads(out.read_text(encoding="utf-8"), parse_constant=refuse)
+    assert results["results"]["task_arithmetic"]["acc_stderr,none"] is None
+    assert results["n-samples"]["task_arithmetic"]["effective"] == 1
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("header_only", "arithmetic_val.csv: no questions (an empty or header-only file)"),
+    ("csv_and_json", "two files for the subject 'arithmetic': arithmetic.json and arithmetic_val.csv"),
+    ("dev_without_answers", "arithmetic_dev.csv: dev question 1 has no answer"),
+    ("bad_mapping", "subject_mapping.json: unreadable (JSONDecodeError"),
+    ("mapping_shape", "subject_mapping.json: subject 'arithmetic': expected a name or [english, chinese, ...]"),
+])
+def test_task_problems_are_refused_before_scoring(tiny, tmp_path, case, expected):
+    """Each used to count as 0%, pick a file silently, or fail after loading (TypeError, JSONDecodeError)."""
+    model, tokenizer = tiny
+    root = write_layout(tmp_path / "task", "ceval")
+    if case == "header_only":
+        (root / "val" / "arithmetic_val.csv").write_text("id,question,A,B,C,D,answer,explanation\n")
+    elif case == "csv_and_json":
+        (root / "val" / "arithmetic.json").write_text(json.dumps([{"question": "q", "choices": list("abcd"), "answer": 0}]))
+    elif case == "dev_without_answers":
+        (root / "dev" / "arithmetic_dev.csv").write_text("id,question,A,B,C,D\n0,1+1?,2,3,4,5\n")
+    elif case == "bad_mapping":
+        (root / "subject_mapping.json").write_text('{"arithmetic": ["Arithmetic", "算术"],')
+    else:
+        (root / "subject_mapping.json").write_text('{"arithmetic": 7}')
+    with pytest.raises(ev.EvalDataError) as info:
+        ev.evaluate_task(model, tokenizer, root, shots=1)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -143,3 +143,44 @@ def test_openai_penalties_subtract_counts_of_generated_tokens_only():
     expected[0, 3] = -(0.5 + 3 * 0.25)
     expected[0, 5] = -(0.5 + 0.25)
     assert torch.equal(out, expected)  # token 7 appears only in the prompt: not penalised
+
+
+# ----- sampling: temperature, seed and top_k change the reply exactly as they should -----
+
+
+def sampled(tiny, seed: int, **overrides):
+    """A sampled reply (temperature 1, top-p 1, the model's top-k 5, no repetition penalty)."""
+    import torch
+
+    model, tokenizer = tiny
+    config = make_generation_config(model, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0)
+    config.repetition_penalty = 1.0
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return generate_reply(model, tokenizer, MESSAGES, config).token_ids
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny, full_reply):
+    first = sampled(tiny, seed=1)
+    assert sampled(tiny, seed=1) == first  # the same seed gives the same reply
+    assert sampled(tiny, seed=2) != first  # another seed another one (24 draws from 5 tokens each)
+    assert first != full_reply.token_ids  # temperature > 0 samples: not the greedy reply
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_top_k_1_is_greedy_whatever_the_seed(tiny, full_reply, seed):
+    assert sampled(tiny, seed, top_k=1) == full_reply.token_ids
+
+
+def test_neutral_penalties_leave_the_greedy_reply_unchanged(tiny, greedy, full_reply):
+    from baichuan_finetune.generation import OpenAIPenalties
+
+    model, tokenizer = tiny
+    prompt = build_prompt_ids(model, tokenizer, MESSAGES, MAX_NEW_TOKENS)
+    reply = generate_reply(model, tokenizer, MESSAGES, greedy, logits_processors=[OpenAIPenalties(len(prompt))])
+    assert reply.token_ids == full_reply.token_ids
+    # and a real penalty does change it (the tiny model repeats itself), so the comparison can fail
+    penalised = generate_reply(model, tokenizer, MESSAGES, greedy,
+                               logits_processors=[OpenAIPenalties(len(prompt), presence_penalty=2.0)])
+    assert penalised.token_ids != full_reply.token_ids

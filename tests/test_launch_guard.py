@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tools_helpers import free_port  # one port allocator for every test (no races)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SH = REPO_ROOT / "scripts" / "train.sh"
@@ -37,12 +37,6 @@ def _load_launch_guard():
 
 
 lg = _load_launch_guard()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(**extra) -> dict:

@@ -171,3 +171,17 @@ def test_one_command_per_node(tmp_path):
     assert proc.returncode == 2 and "--no_ssh" in proc.stderr
     proc = launch("--hostfile", tmp_path / "missing", "--dry_run")
     assert proc.returncode == 2 and "no such readable file" in proc.stderr
+
+
+@pytest.mark.parametrize("script", [TRAIN_SH, TRAIN_LORA_SH])
+def test_without_the_environment_says_how_to_get_it(script, tmp_path):
+    """No deepspeed on PATH (the venv not active): one line saying what to run, not "command not found"."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(script), "--data_path", "x.json"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO_ROOT, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{script.name}: error: deepspeed: "), proc.stderr
+    # This checkout's venv (if set up) needs activating; without one, setting it up comes first.
+    assert "source .venv/bin/activate" in proc.stderr
+    assert ("bash scripts/setup.sh" in proc.stderr) != (REPO_ROOT / ".venv" / "bin" / "deepspeed").exists()
+    assert not proc.stdout  # nothing launched

@@ -127,3 +127,78 @@ def test_add_model_arguments(capsys):
         assert error in capsys.readouterr().err
     dtype_action = next(a for a in parser._actions if a.dest == "dtype")
     assert list(dtype_action.choices) == list(DTYPES)  # the one list of dtypes
+
+
+# ----- no code from a model directory ever runs -----
+
+EVIL_MODULE = '''from pathlib import Path
+Path(__file__).with_name("MARKER").write_text("imported")
+from transformers import PretrainedConfig, PreTrainedModel
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+class EvilModel(PreTrainedModel):
+    config_class = EvilConfig
+'''
+
+
+def custom_code_dir(tiny_model_dir, out, model_type: str):
+    """The tiny model's files with a config naming its own module, which writes MARKER when imported."""
+    shutil.copytree(tiny_model_dir, out)
+    (out / "evil.py").write_text(EVIL_MODULE)
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "evil.EvilConfig",
+                                                   "AutoModelForCausalLM": "evil.EvilModel"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["evil", "baichuan"])
+@pytest.mark.parametrize("tool", ["chat", "train"])
+def test_custom_code_never_runs_with_yes_on_stdin(tool, model_type, tiny_model_dir, tmp_path):
+    """A "yes" on stdin answers transformers' trust-remote-code prompt; the prompt must never come."""
+    import subprocess
+    import sys
+
+    from tools_helpers import REPO_ROOT, SCRIPTS, script_env
+
+    model_dir = custom_code_dir(tiny_model_dir, tmp_path / "custom", model_type)
+    if tool == "chat":
+        cmd = [sys.executable, str(SCRIPTS / "cli_demo.py"), "--model", str(model_dir)]
+    else:
+        data = tmp_path / "d.json"
+        data.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"},
+                                                       {"from": "gpt", "value": "hello"}]}] * 2))
+        cmd = [sys.executable, str(REPO_ROOT / "fine-tune" / "fine-tune.py"), "--model_name_or_path", str(model_dir),
+               "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+               "--use_cpu", "True"]
+    proc = subprocess.run(cmd, input="yes\nyes\nyes\n", capture_output=True, text=True, env=script_env(),
+                          timeout=300)
+    assert not (model_dir / "MARKER").exists(), "the directory's module was imported"
+    prog = "cli_demo.py:" if tool == "chat" else "fine-tune.py:"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(prog)]  # (library noise: issue 16.11)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert str(model_dir / "config.json") in lines[0]
+    assert ("model_type \"evil\"" if model_type == "evil" else "auto_map names code") in lines[0]
+
+
+def test_own_and_official_code_names_are_accepted(tiny_model_dir, fixtures_dir):
+    """Official Baichuan2 configs name modules with our names: accepted (our code is what runs)."""
+    from baichuan_finetune.preflight import foreign_code
+
+    for name in ("config-7b.json", "config-13b.json"):
+        config = json.loads((fixtures_dir / "configs" / name).read_text())
+        tokenizer_config = json.loads((fixtures_dir / "baichuan2" / "tokenizer_config.json").read_text())
+        assert foreign_code(config, tokenizer_config) is None
+    assert "auto_map" in foreign_code({"model_type": "baichuan"}, {"auto_map": {"AutoTokenizer": ["x.Tok", None]}})
+    assert "auto_map" in foreign_code({"model_type": "baichuan", "auto_map": {"AutoConfig": "other--mod.C"}})
+
+
+def test_load_model_refuses_custom_code_without_check_model_dir(tiny_model_dir, tmp_path):
+    """evaluate and merge call load_model directly: it refuses by itself, importing nothing."""
+    from baichuan_finetune.loading import ModelDirError
+
+    model_dir = custom_code_dir(tiny_model_dir, tmp_path / "custom", "evil")
+    with pytest.raises(ModelDirError, match="model_type"):
+        load_model(model_dir)
+    assert not (model_dir / "MARKER").exists()

@@ -310,3 +310,40 @@ def test_overwrite_replaces_a_non_empty_output_dir_whole(lora_dir, merged_dir, t
     merge_lora(lora_dir, out, max_shard_size="200KB", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in merged_dir.iterdir())
     assert not list(tmp_path.glob(".out.*"))  # nothing set aside is left behind
+
+
+def test_the_next_merge_cleans_up_after_a_killed_one(lora_dir, tmp_path):
+    """A SIGKILL mid-merge leaves .out.merging-PID (and maybe .out.replaced-PID) behind: the next merge
+    removes what belongs to a dead PID, keeps what a running one owns, and never the only old output."""
+    import os
+
+    from baichuan_finetune.merge import merge_lora, remove_stale_merges
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        out = tmp_path / "out"
+        stale = tmp_path / f".out.merging-{dead.pid}"
+        stale.mkdir()
+        (stale / "model-00001-of-00002.safetensors").write_text("half written")
+        busy = tmp_path / f".out.merging-{running.pid}"
+        busy.mkdir()
+        old = tmp_path / f".out.replaced-{dead.pid}"  # killed between the two renames: out is missing
+        old.mkdir()
+        (old / "config.json").write_text("{}")
+        other = tmp_path / f".outer.merging-{dead.pid}"  # another output directory's
+        other.mkdir()
+        warnings = []
+        merge_lora(lora_dir, out, max_shard_size="200KB", warn=warnings.append)
+        assert not stale.exists() and busy.is_dir() and old.is_dir() and other.is_dir()
+        assert f"removed {stale}, left by a merge that was killed (PID {dead.pid})" in warnings
+        assert any(w.startswith(f"{old} is the previous {out}") and "kept" in w for w in warnings), warnings
+        assert (out / "config.json").is_file()
+        # Now that out exists, the set-aside old output is what the finished swap would have removed.
+        assert remove_stale_merges(out) == [f"removed {old}, left by a merge that was killed (PID {dead.pid})"]
+        assert not old.exists() and busy.is_dir()
+        assert os.getpid() != dead.pid
+    finally:
+        running.kill()
+        running.wait()

@@ -215,6 +215,61 @@ def test_long_prompt_loses_old_rounds_then_answers_are_cut(encoder):
                                                 rejected=["b"], source="x"), 40) is None
 
 
+def test_truncation_keeps_the_newest_rounds_and_cuts_the_answers_tail(encoder):
+    """The documented rule against ids built here from sentencepiece and the layout constants: whole
+    oldest rounds go first (the system text and the newest rounds stay), then the answers lose their ends."""
+    sp = encoder.sp
+
+    def E(text: str) -> list[int]:
+        return sp.encode(text)
+
+    system, u1, a1 = "Answer briefly.", "word " * 12 + "one?", "answer " * 12 + "one."
+    u2, a2, u3, chosen, rejected = "What about two?", "Two it is.", "And three?", "Three.", "Four."
+    pair = SimpleNamespace(prompt=Conversation(turns=[(USER, u1), (ASSISTANT, a1), (USER, u2), (ASSISTANT, a2),
+                                                      (USER, u3)], system=system), chosen=[chosen],
+                           rejected=[rejected], source="f record 0")
+    USER_ID, ASSISTANT_ID, EOS = 195, 196, 2
+    newest = E(system) + [USER_ID] + E(u2) + [ASSISTANT_ID] + E(a2) + [USER_ID] + E(u3)
+    answer = max(len(E(chosen)), len(E(rejected))) + 2  # role token, text, eos
+    # Room for the two newest rounds, not for the oldest too: exactly the oldest round goes.
+    enc = encode_pair(encoder, pair, len(newest) + answer)
+    assert enc.chosen_input_ids == newest + [ASSISTANT_ID] + E(chosen) + [EOS]
+    assert enc.rejected_input_ids == newest + [ASSISTANT_ID] + E(rejected) + [EOS]
+    assert enc.chosen_labels == [IGNORE_INDEX] * (len(newest) + 1) + E(chosen) + [EOS]
+    # A long chosen answer: the history goes (the system text and last question stay), then its tail.
+    last = E(system) + [USER_ID] + E(u3)
+    long_answer = "Red " * 40
+    limit = 2 * len(last) + 4
+    enc = encode_pair(encoder, SimpleNamespace(prompt=pair.prompt, chosen=[long_answer], rejected=[rejected],
+                                               source="f record 1"), limit)
+    room = limit - len(last)
+    assert enc.chosen_input_ids == last + ([ASSISTANT_ID] + E(long_answer))[:room]  # no eos: cut
+    assert enc.rejected_input_ids == last + [ASSISTANT_ID] + E(rejected) + [EOS]
+
+
+def test_pairs_identical_after_truncation_are_dropped_and_counted(tmp_path, encoder):
+    same = "The answer is " + "very " * 30
+    cut = {"prompt": "Which?", "chosen": same + "yes.", "rejected": same + "no."}  # differ only past 32 tokens
+    good = {"prompt": "Which?", "chosen": "Yes.", "rejected": "No."}
+    assert len(encoder.encode([same])[0]) > 32
+    args = dict(eval_data_path=None, val_size=0, on_bad_record="error", padding="longest")
+    data = prepare_pairs(SimpleNamespace(data_path=_write(tmp_path / "p.json", [cut, good, cut]), **args),
+                         encoder.sp, 32)
+    assert len(data.train_dataset) == 1
+    assert data.train_dataset[0]["chosen_input_ids"] != data.train_dataset[0]["rejected_input_ids"]
+    assert "dropped: 2 chosen and rejected identical after truncation" in data.report.format()
+    # Given room, the same pairs differ and are kept.
+    assert len(prepare_pairs(SimpleNamespace(data_path=str(tmp_path / "p.json"), **args), encoder.sp, 128)
+               .train_dataset) == 3
+    # None left: one line saying why.
+    with pytest.raises(DataError, match=r"no preference pair left to train on \(dropped: 1 chosen and rejected "
+                                        r"identical after truncation at --model_max_length 32\)"):
+        prepare_pairs(SimpleNamespace(data_path=_write(tmp_path / "only.json", [cut]), **args), encoder.sp, 32)
+    with pytest.raises(DataError, match=r"e.json: no evaluation pair left \(dropped: 1 chosen and rejected"):
+        prepare_pairs(SimpleNamespace(data_path=str(tmp_path / "p.json"), **{
+            **args, "eval_data_path": _write(tmp_path / "e.json", [cut])}), encoder.sp, 32)
+
+
 # ----- bad records: one-line errors naming file, record and field, or counted skips -----
 
 

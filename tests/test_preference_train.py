@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_train import env  # noqa: F401 (the fine-tune.py environment fixture; uses this module's work)
+from tools_helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINE_TUNE = REPO_ROOT / "fine-tune" / "fine-tune.py"
@@ -56,10 +56,7 @@ LORA = ["--use_lora", "True", "--lora_r", "8", "--lora_target_modules", "all-lin
 @pytest.fixture(scope="module")
 def lora_dpo(tiny_model_dir, env, work) -> Path:
     out = work / "lora-dpo-2proc"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", port, FINE_TUNE,
+    run([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", free_port(), FINE_TUNE,
          *flags(tiny_model_dir, out, *LORA, "--deepspeed", REPO_ROOT / "ds_config.json",
                 "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--max_steps", "12",
                 "--save_steps", "6", "--eval_data_path", SHIPPED, "--eval_strategy", "steps", "--eval_steps", "12",

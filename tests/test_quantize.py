@@ -1,6 +1,7 @@
 """bitsandbytes quantization on CPU (bitsandbytes >= 0.49 runs int8 and NF4 on CPU) and the QLoRA helpers."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,12 +85,20 @@ def test_quantize_replaces_linears_and_runs(quant_model_dir, reference, bits, we
 
 @needs_bnb
 def test_quantize_a_lora_directory_merges_first(quant_model_dir, tmp_path, reference):
-    lora = make_lora_dir(quant_model_dir, tmp_path / "adapter")
+    # An adapter large enough that the base model's logits are far from the adapted ones, so a
+    # quantized model that dropped it (peft's unload instead of merge_and_unload) cannot pass.
+    lora = make_lora_dir(quant_model_dir, tmp_path / "adapter", scale=2.0)
+    ids, base_logits = reference
+    with torch.no_grad():
+        adapted = load(lora)[0](input_ids=ids).logits  # peft's unmerged float32 forward: the oracle
+    assert cosine(base_logits, adapted) < 0.99
     model, _ = load(lora, quantization_bits=8)
     assert not hasattr(model, "peft_config")  # merged, then quantized
     assert quantized_linears(model)[1] == 5 * model.config.num_hidden_layers
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=reference[0]).logits).all()
+        logits = model(input_ids=ids).logits
+    assert cosine(logits, adapted) > 0.995  # int8 error grows with the merged weights' size
+    assert (logits - adapted).norm() < 0.1 * (base_logits - adapted).norm()  # measured 0.04
 
 
 @needs_bnb
@@ -140,3 +149,18 @@ def test_4bit_on_a_shape_the_cpu_kernel_refuses_names_the_layer(tiny_model_dir, 
     # --quantize 4 of every tool loads through load_model: the same error.
     with pytest.raises(ValueError, match="gate_proj is 128->344"):
         load(tiny_model_dir, quantization_bits=4)
+
+
+@needs_bnb
+def test_importing_bitsandbytes_says_nothing_after_quiet(tmp_path):
+    """bitsandbytes warns at import about an optional CPU kernel on avx512_bf16 CPUs (every tool imports
+    it through transformers -> peft): after quiet.install() a process that imports it prints nothing."""
+    import subprocess
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from baichuan_finetune import quiet\n"
+              "quiet.install()\n"
+              "import bitsandbytes, peft\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(q.__file__).parents[1])], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr

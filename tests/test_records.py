@@ -213,3 +213,54 @@ def test_a_preference_pair_file_is_refused_for_supervised_training(tmp_path):
         read_records(path, on_bad_record="skip")
     assert str(err.value) == (f"{path} record 1: a preference pair ('chosen'/'rejected'), not a supervised "
                               "conversation: train on it with --stage dpo (docs/preference.md)")
+
+
+def test_a_path_with_a_comma_is_one_file_when_it_exists(tmp_path):
+    comma = write(tmp_path, "train,v2.json", [GOOD])
+    assert len(read_records(comma).conversations) == 1
+    a, b = write(tmp_path, "a.json", [GOOD]), write(tmp_path, "b.json", [GOOD])
+    assert len(read_records(f"{a},{b}").conversations) == 2  # split: the whole is no path
+    with pytest.raises(DataError) as err:
+        read_records(f"{a},{tmp_path / 'nope.json'}")
+    assert "nope.json: no such file or directory" in str(err.value) and "split at commas" in str(err.value)
+
+
+def test_a_pipe_is_refused_in_one_line(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # what <(cat x.json) gives: /dev/fd/63, a pipe readable once
+    with pytest.raises(DataError) as err:
+        read_records(str(fifo))  # refused from its type: nothing opens (and blocks on) it
+    message = str(err.value)
+    assert message.startswith(f"{fifo}: not a regular file") and "process substitution" in message
+    assert "\n" not in message
+
+
+def openai_record(*weights) -> dict:
+    """A user question and an assistant answer per weight (None: no weight key)."""
+    messages = []
+    for i, weight in enumerate(weights):
+        messages.append({"role": "user", "content": f"q{i}"})
+        messages.append({"role": "assistant", "content": f"a{i}"} | ({} if weight is None else {"weight": weight}))
+    return {"messages": messages}
+
+
+def test_openai_weight_marks_untrained_turns(tmp_path):
+    path = write(tmp_path, "w.jsonl", [openai_record(0, 1, None), openai_record(1.0, 0.0)])
+    first, second = read_records(path).conversations
+    assert first.untrained_turns == (1,) and second.untrained_turns == (3,)  # indices into turns
+    assert [t for t, _ in first.turns] == [USER, ASSISTANT] * 3
+
+
+@pytest.mark.parametrize("record, expected", [
+    (openai_record(0.5), "line 1: messages[1].weight: weight 0.5: expected 0 (not trained) or 1 (trained)"),
+    (openai_record(True), "messages[1].weight: weight true: expected 0"),
+    (openai_record("0"), 'messages[1].weight: weight "0": expected 0'),
+    (openai_record(None) | {"messages": [{"role": "user", "content": "q", "weight": 0},
+                                         {"role": "assistant", "content": "a"}]},
+     "messages[0].weight: only assistant messages have a weight"),
+])
+def test_bad_weight_is_one_line_naming_record_and_field(tmp_path, record, expected):
+    path = write(tmp_path, "w.jsonl", [record])
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -217,15 +217,19 @@ def _checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     return path
 
 
-def test_marker_lists_every_file_with_its_size(tmp_path):
+def test_marker_lists_every_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+
     path = _checkpoint(tmp_path, 4)
     (path / "global_step4").mkdir()
     (path / "global_step4" / "shard.pt").write_bytes(b"")  # nested files count too
     saving.mark_checkpoint_complete(path, 4)
     marker = json.loads((path / saving.COMPLETE_MARKER).read_text())
-    assert marker["files"] == {name: (path / name).stat().st_size for name in
-                               ("global_step4/shard.pt", "model.safetensors", "optimizer.pt", "trainer_state.json")}
-    assert marker["total_bytes"] == sum(marker["files"].values()) == saving.checkpoint_bytes(path)
+    names = ("global_step4/shard.pt", "model.safetensors", "optimizer.pt", "trainer_state.json")
+    assert marker["files"] == {name: {"size": (path / name).stat().st_size,
+                                      "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+                               for name in names}
+    assert marker["total_bytes"] == sum(e["size"] for e in marker["files"].values()) == saving.checkpoint_bytes(path)
 
 
 def _truncate(path: Path, keep: int | None = None) -> None:
@@ -240,6 +244,10 @@ def _truncate(path: Path, keep: int | None = None) -> None:
     (lambda p: (p / "optimizer.pt").unlink(), "optimizer.pt is missing"),
     (lambda p: _truncate(p / "model.safetensors"), "model.safetensors has"),
     (lambda p: (p / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    (lambda p: (p / "optimizer.pt").write_bytes(b"Y" + (p / "optimizer.pt").read_bytes()[1:]),
+     "optimizer.pt was changed after the checkpoint was completed"),
+    (lambda p: (p / "extra.bin").write_bytes(b""), "extra.bin was added after the checkpoint was completed"),
+    (lambda p: (p / saving.COMPLETE_MARKER).write_text('{"global_step": 2}'), "lists no files with their size"),
 ])
 def test_validate_checkpoint_against_its_marker(tmp_path, damage, problem):
     path = _checkpoint(tmp_path, 2)

@@ -211,17 +211,29 @@ def test_extra_body_sampling_fields_are_honoured(client, lora_dir):
 
 
 def test_logprobs(client, lora_dir):
-    import math
+    """Each token, its log-probability and the top 3 equal a log-softmax of the model's own logits over
+    the same greedy reply, computed here in one forward pass; token strings are the tokenizer's."""
+    import torch
+
+    from baichuan_finetune.generation import build_prompt_ids, make_generation_config
+    from baichuan_finetune.loading import load_model
 
     response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=6, temperature=0,
                                               logprobs=True, top_logprobs=3)
     content = response.choices[0].logprobs.content
-    assert 1 <= len(content) <= 6
-    for entry in content:
-        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
-        # Greedy: the chosen token is the most likely one.
-        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob, abs_tol=1e-4)
-    assert "".join(e.token for e in content) == response.choices[0].message.content or len(content) == 6
+    model, tokenizer = load_model(lora_dir)
+    reply = generate_reply(model, tokenizer, MESSAGES, make_generation_config(model, max_new_tokens=6, greedy=True))
+    assert response.choices[0].message.content == reply.text and len(content) == len(reply.token_ids) >= 1
+    prompt = build_prompt_ids(model, tokenizer, MESSAGES, 6)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + reply.token_ids])).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for entry, token, row in zip(content, reply.token_ids, expected):
+        assert entry.token == tokenizer.decode([token])
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        values, indices = row.topk(3)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([int(i)]) for i in indices]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -244,6 +256,24 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client):
     response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=2, presence_penalty=0,
                                               frequency_penalty=0, response_format={"type": "text"}, user="u1")
     assert response.choices[0].message.content is not None
+
+
+def test_seed_top_k_and_neutral_penalties_change_the_reply_as_they_should(client):
+    """Sampling (temperature 1, top-p 1, the model's top-k 5): the same seed gives the same reply, another
+    seed another one; top_k 1 is greedy whatever the seed; zero penalties leave the greedy reply as it is."""
+    def ask(**kwargs) -> str:
+        response = client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=16, **kwargs)
+        return response.choices[0].message.content
+
+    sample = {"temperature": 1.0, "top_p": 1.0}
+    first = ask(seed=1, **sample)
+    assert ask(seed=1, **sample) == first
+    assert ask(seed=2, **sample) != first
+    greedy = ask(temperature=0)
+    assert first != greedy
+    for seed in (1, 2):
+        assert ask(seed=seed, extra_body={"top_k": 1}, **sample) == greedy
+    assert ask(temperature=0, presence_penalty=0, frequency_penalty=0) == greedy
 
 
 def test_presence_and_frequency_penalties_are_applied(client, lora_dir):

@@ -5,6 +5,7 @@ tokens (seconds of generation): long enough that a generation the server failed 
 stream that kept it from stopping, shows up as a timeout here.
 """
 
+import contextlib
 import json
 import signal
 import socket
@@ -316,7 +317,102 @@ def test_stuck_generation_is_reported_by_health(tiny_model_dir):
         app.state.service.close(timeout=5)
 
 
+@contextlib.contextmanager
+def in_process_server(model_dir, **app_options):
+    """The app of ``serve.create_app`` on a real uvicorn in a thread: its base URL and ``ChatService``."""
+    require("fastapi", "the API server needs fastapi and uvicorn (requirements-tools.txt)")
+    import uvicorn
+    from baichuan_finetune.loading import load_model
+    from baichuan_finetune.serve import create_app
+
+    model, tokenizer = load_model(model_dir)
+    app = create_app(model, tokenizer, "tiny", **app_options)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base_url, lambda s: s["status"] is not None, timeout=30)
+        yield base_url, app.state.service
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.state.service.close(timeout=5)
+
+
+def counting_prepare(service) -> list:
+    """Record each request that reaches ``service.prepare`` (where tokenizing starts)."""
+    calls, real_prepare = [], service.prepare
+
+    def prepare(request):
+        calls.append(request)
+        return real_prepare(request)
+
+    service.prepare = prepare
+    return calls
+
+
+def test_limits_are_checked_before_tokenizing(tiny_model_dir):
+    """Too many messages or too many bytes: 400 naming the limit's flag; nothing reached tokenizing."""
+    with in_process_server(tiny_model_dir, max_messages=100, max_request_bytes=20_000) as (base_url, service):
+        calls = counting_prepare(service)
+        many = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 50
+        status, error = post(base_url + "/v1/chat/completions", {"messages": many + many[:1], "max_tokens": 1})
+        assert status == 400 and error["error"]["code"] == "too_many_messages", error
+        assert "101 messages" in error["error"]["message"] and "--max_messages" in error["error"]["message"]
+        big = [{"role": "user", "content": "x" * 20_000}]
+        status, error = post(base_url + "/v1/chat/completions", {"messages": big, "max_tokens": 1})
+        assert status == 400 and error["error"]["code"] == "body_too_large", error
+        assert "--max_request_bytes" in error["error"]["message"] and "20000 bytes" in error["error"]["message"]
+        assert calls == []
+        status, _ = post(base_url + "/v1/chat/completions", {"messages": many[:-1], "max_tokens": 1})
+        assert len(calls) == 1  # at the limit: accepted and tokenized
+
+
+def test_a_huge_request_never_blocks_health_or_other_clients(tiny_model_dir):
+    """While one request of 100,001 tiny messages is being parsed and tokenized, /health and another
+    client's request are answered: tokenizing runs off the event loop. The big request is held inside
+    ``prepare`` until both have their answers, so the order is certain, whatever the machine's speed."""
+    with in_process_server(tiny_model_dir, max_messages=200_000, max_request_bytes=8 * 2**20) as (base_url, service):
+        entered, release = threading.Event(), threading.Event()
+        real_prepare = service.prepare
+
+        def held_prepare(request):
+            if len(request.messages) > 1000:
+                entered.set()
+                release.wait(120)
+            return real_prepare(request)
+
+        service.prepare = held_prepare
+        huge = [{"role": "user", "content": "hi"}] * 100_001
+        result: dict = {}
+        big = threading.Thread(target=lambda: result.update(
+            answer=post(base_url + "/v1/chat/completions", {"messages": huge, "max_tokens": 1}, timeout=300)))
+        big.start()
+        try:
+            assert entered.wait(120), "the huge request never reached tokenizing"
+            status, state = health(base_url)  # raises (socket timeout) if the event loop is blocked
+            assert status == 200 and state["model"] == "tiny"
+            status, answer = post(base_url + "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2,
+                                                                      "temperature": 0}, timeout=60)
+            assert status == 200 and answer["choices"][0]["message"]["content"] is not None
+            assert big.is_alive() and "answer" not in result  # still held inside prepare
+        finally:
+            release.set()
+            big.join(300)
+        status, error = result["answer"]
+        assert status == 400 and error["error"]["code"] == "context_length_exceeded", error
+
+
 @pytest.mark.parametrize("args, flag", [
+    (["--api_key", ""], "--api_key is empty or blank"),
+    (["--api_key", "   "], "--api_key is empty or blank"),
+    (["--api_key", " key"], "whitespace"),
+    (["--api_key", "schlüssel"], "printable ASCII"),
+    (["--api_key", "two words"], "printable ASCII"),
+    (["--max_messages", "0"], "--max_messages"),
+    (["--max_request_bytes", "-5"], "--max_request_bytes"),
     (["--max_queue", "-1"], "--max_queue"),
     (["--queue_timeout", "0"], "--queue_timeout"),
     (["--stuck_after", "x"], "--stuck_after"),

@@ -99,6 +99,29 @@ class Paths:
         (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         return path
 
+    def _with_config(self, name: str, **changes) -> Path:
+        path = self._copy(self.base, name)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **changes}))
+        return path
+
+    @cached_property
+    def custom_code(self) -> Path:
+        """A model_type of another architecture with its own code (never imported: it is refused)."""
+        return self._with_config("custom-code", model_type="evil", auto_map={"AutoModelForCausalLM": "evil.Model"})
+
+    @cached_property
+    def foreign_auto_map(self) -> Path:
+        return self._with_config("foreign-auto-map", auto_map={"AutoModelForCausalLM": "evil.Model"})
+
+    @cached_property
+    def lora_on_custom_code(self) -> Path:
+        def edit(path):
+            config = json.loads((path / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = str(self.custom_code)
+            (path / "adapter_config.json").write_text(json.dumps(config))
+        return self._lora_with("lora-on-custom-code", edit)
+
     def _lora_with(self, name: str, edit) -> Path:
         path = self._copy(self.lora, name)
         edit(path)
@@ -150,6 +173,11 @@ class Paths:
         return self.out
 
     @cached_property
+    def dangling_out(self) -> Path:
+        self.out.symlink_to(self.root / "gone")
+        return self.out
+
+    @cached_property
     def out_file(self) -> Path:
         self.out.write_text("a file where the output directory would go\n")
         return self.out
@@ -188,6 +216,29 @@ class Paths:
         (root / "test" / "arith_test.csv").write_bytes("question,A,B,C,D,answer\nq\xe9,1,2,3,4,A\n".encode("latin-1"))
         return root
 
+    def _task_with(self, name: str, files: dict) -> Path:
+        root = Path(shutil.copytree(self.task, self.root / name))
+        for relative, text in files.items():
+            (root / relative).write_text(text)
+        return root
+
+    @cached_property
+    def task_header_only(self) -> Path:
+        return self._task_with("task-header-only", {"test/arith_test.csv": "question,A,B,C,D,answer\n"})
+
+    @cached_property
+    def task_csv_and_json(self) -> Path:
+        record = {"question": "1+1=?", "choices": ["2", "1", "0", "3"], "answer": 0}
+        return self._task_with("task-csv-and-json", {"test/arith.json": json.dumps([record])})
+
+    @cached_property
+    def task_dev_no_answers(self) -> Path:
+        return self._task_with("task-dev-no-answers", {"dev/arith_dev.csv": "question,A,B,C,D\n1+1=?,2,1,0,3\n"})
+
+    @cached_property
+    def task_bad_mapping(self) -> Path:
+        return self._task_with("task-bad-mapping", {"subject_mapping.json": '{"arith": ["Arithmetic", "算术"],'})
+
 
 def cli(p: Paths, *flags) -> list:
     """cli_demo on the good base model with `flags`."""
@@ -222,6 +273,11 @@ CASES = [
     ("cli-lora-base-moved", lambda p: cli_model(p.lora_missing_base), 2, "moved-away is not a directory"),
     ("cli-lora-bad-json", lambda p: cli_model(p.lora_bad_json), 2, "adapter_config.json: not valid JSON"),
     ("cli-lora-truncated", lambda p: cli_model(p.lora_truncated), 2, "adapter_model.safetensors: not a complete safetensors file (truncated"),
+    ("cli-model-custom-code", lambda p: cli_model(p.custom_code), 2, 'model_type "evil" is not Baichuan2'),
+    ("cli-model-foreign-auto-map", lambda p: cli_model(p.foreign_auto_map), 2, 'auto_map names code that is not this toolkit\'s (AutoModelForCausalLM: "evil.Model")'),
+    ("cli-lora-on-custom-code", lambda p: cli_model(p.lora_on_custom_code), 2, "custom-code/config.json: model_type"),
+    ("merge-adapter-on-custom-code", lambda p: ["merge_lora", p.lora_on_custom_code, p.out], 2, "custom-code/config.json: model_type"),
+    ("eval-model-custom-code", lambda p: ["evaluate", "--model", p.custom_code, "--task_dir", p.task], 2, 'model_type "evil"'),
     # --- merge_lora.py
     ("merge-adapter-missing", lambda p: ["merge_lora", p.missing, p.out], 2, "does-not-exist: no such directory"),
     ("merge-adapter-is-a-file", lambda p: ["merge_lora", p.a_file, p.out], 2, "not a directory"),
@@ -231,6 +287,8 @@ CASES = [
     ("merge-output-is-base", lambda p: ["merge_lora", p.lora, p.base], 2, "not over its inputs"),
     ("merge-output-is-a-file", lambda p: ["merge_lora", p.lora, p.out_file], 2, "is a file"),
     ("merge-output-not-empty", lambda p: ["merge_lora", p.lora, p.nonempty_out], 2, "is not empty"),
+    ("merge-output-dangling-symlink", lambda p: ["merge_lora", p.lora, p.dangling_out], 2,
+     "out is a dangling symbolic link (to "),
     ("merge-adapter-config-not-json", lambda p: ["merge_lora", p.lora_bad_json, p.out], 2, "adapter_config.json: not valid JSON"),
     ("merge-adapter-config-a-list", lambda p: ["merge_lora", p.lora_json_list, p.out], 2, "expected a JSON object, found list"),
     ("merge-adapter-config-no-base", lambda p: ["merge_lora", p.lora_no_base_field, p.out], 2, "no base_model_name_or_path"),
@@ -260,6 +318,14 @@ CASES = [
     ("eval-unknown-layout", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_missing_column], 1,
      "arith_test.csv: unknown multiple-choice layout"),
     ("eval-not-utf8", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_not_utf8], 1, "not a UTF-8 CSV"),
+    ("eval-header-only-csv", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_header_only], 1,
+     "arith_test.csv: no questions (an empty or header-only file)"),
+    ("eval-csv-and-json-same-subject", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_csv_and_json], 1,
+     "two files for the subject 'arith': arith.json and arith_test.csv"),
+    ("eval-dev-without-answers", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_dev_no_answers], 1,
+     "arith_dev.csv: dev question 1 has no answer"),
+    ("eval-bad-subject-mapping", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_bad_mapping], 1,
+     "subject_mapping.json: unreadable"),
 ]
 
 
@@ -326,3 +392,14 @@ def test_real_process_prints_one_line(tool, args, expected, tiny_model_dir, tmp_
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and expected in proc.stderr, proc.stderr
     assert proc.stderr.startswith(f"{tool}: error: ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_server_without_the_tools_extras_says_what_to_install(missing, tiny_model_dir):
+    """requirements-tools.txt not installed (the module made unimportable in the child): one line, exit 1."""
+    script = (f"import runpy, sys; sys.modules[{missing!r}] = None\n"  # None in sys.modules: ImportError
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(SCRIPTS / "openai_api.py"), "--model", str(tiny_model_dir)],
+                          env=script_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"openai_api.py: error: the server needs {missing}: pip install -r requirements-tools.txt\n"

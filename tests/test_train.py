@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tools_helpers import free_port  # one port allocator for every test (no races)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINE_TUNE = REPO_ROOT / "fine-tune" / "fine-tune.py"
@@ -64,12 +64,6 @@ def env(work: Path) -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict, timeout: int = RUN_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess:

@@ -135,3 +135,46 @@ def test_error_event_inside_a_stream_is_shown_and_not_history(browser, web_url):
     page.wait_for_function("document.querySelectorAll(\".message[data-done='true']\").length == 2", timeout=60_000)
     assert sent[-1]["messages"] == [{"role": "user", "content": "第二句"}]
     page.close()
+
+
+def test_system_prompt_field_heads_every_request(browser, web_url):
+    """The page's system prompt goes out as the first message of each turn (history stays user/assistant
+    turns), and the reply shown is the server's reply to exactly that conversation."""
+    import urllib.request
+
+    system = "你是一个只用中文回答的助手。"
+    page = browser.new_page()
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(web_url + "/")
+    page.fill("#max_tokens", "12")
+    page.fill("#temperature", "0")
+    page.fill("#system", system)
+    page.fill("#input", "你好")
+    page.click("#send")
+    page.wait_for_selector(".message.assistant[data-done='true']", timeout=60_000)
+    shown = page.text_content(".message.assistant")
+    assert sent[-1]["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": "你好"}]
+
+    def server_reply(messages):
+        body = dict(sent[-1], messages=messages, stream=False)
+        request = urllib.request.Request(web_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"]
+
+    assert shown == server_reply(sent[-1]["messages"])
+    assert shown != server_reply(sent[-1]["messages"][1:])  # the system prompt changed the reply
+    page.fill("#input", "再见")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll(\".message.assistant[data-done='true']\").length == 2",
+                           timeout=60_000)
+    assert [m["role"] for m in sent[-1]["messages"]] == ["system", "user", "assistant", "user"]
+    page.fill("#system", "")  # cleared: no system message at all
+    page.fill("#input", "谢谢")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll(\".message.assistant[data-done='true']\").length == 3",
+                           timeout=60_000)
+    assert [m["role"] for m in sent[-1]["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+    page.close()

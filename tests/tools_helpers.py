@@ -1,9 +1,11 @@
 """Helpers shared by the tools' tests (merge, cli, web, server, evaluation, quantization)."""
 
+import fcntl
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -71,10 +73,40 @@ def greedy_token_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: 
     return out
 
 
+# Ports handed to servers and launchers under test: below Linux's ephemeral range (32768-60999), so
+# the kernel never gives them to a bind(0) or an outgoing connection, and below 29500 (the default
+# port of deepspeed and torchrun, e.g. a quickstart running beside the tests).
+TEST_PORTS = range(20000, 29000)
+PORT_LOCK_DIR = Path(tempfile.gettempdir()) / "baichuan-finetune-test-ports"
+_held_port_locks: list = []  # open lock files: each port stays ours until this process exits
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that no other caller of ``free_port`` holds, in any process.
+
+    Asking the kernel (bind to port 0, close, pass the number on) races: between the close and the
+    server's own bind, another test (or another pytest run on the same machine) gets the same
+    number. Here each port of ``TEST_PORTS`` is claimed with an exclusive ``flock`` on its own lock
+    file, held until this process exits (the kernel releases it even on a crash, so nothing goes
+    stale), and a port something else has bound (or that lingers in TIME_WAIT) is skipped.
+    """
+    PORT_LOCK_DIR.mkdir(exist_ok=True)
+    for port in TEST_PORTS:
+        lock = open(PORT_LOCK_DIR / f"{port}.lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                lock.close()  # in use outside our lock files
+                continue
+        _held_port_locks.append(lock)
+        return port
+    raise RuntimeError(f"no free port left in {TEST_PORTS} (lock files in {PORT_LOCK_DIR})")
 
 
 def script_env() -> dict:

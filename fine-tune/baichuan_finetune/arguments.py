@@ -12,7 +12,6 @@ import math
 import os
 import socket
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,10 +21,15 @@ import transformers
 from transformers import HfArgumentParser
 
 from .attention import IMPLEMENTATIONS, check_available, check_model
+from .plan import ALL_LINEAR, PlanError, parse_lora_targets
 from .quantize import check_qlora_available
+from . import quiet
+
+# Before transformers.TrainingArguments is first touched (below): it imports peft, which imports
+# bitsandbytes and its import-time warning. Every tool reaches this module (loading -> preflight).
+quiet.install()
 
 PROG = "fine-tune.py"
-ALL_LINEAR = "all-linear"
 
 
 class UsageError(Exception):
@@ -151,15 +155,23 @@ class LoraArguments:
             raise UsageError(f"--lora_r {self.lora_r}: must be at least 1")
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
-        if not self.target_modules:
-            raise UsageError("--lora_target_modules: give module names (e.g. W_pack,o_proj) or all-linear")
+        try:
+            parse_lora_targets(self.lora_target_modules)  # the planner's parser: one rule for both
+        except PlanError as e:
+            raise UsageError(str(e)) from None
 
     @property
     def target_modules(self) -> str | list[str]:
-        """``"all-linear"`` or the list of module names given in ``--lora_target_modules``."""
-        if self.lora_target_modules.strip() == ALL_LINEAR:
-            return ALL_LINEAR
-        return [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
+        """``"all-linear"`` or the list of Baichuan2 module names given in ``--lora_target_modules``."""
+        parsed = parse_lora_targets(self.lora_target_modules)
+        return parsed if parsed == ALL_LINEAR else list(parsed)
+
+
+# What a resume may be told to accept when the checkpoint's run record (resume_checks.py) differs: the
+# rest (stage, LoRA or not, QLoRA, rank, targets, the base's architecture) changes the checkpoint's tensors.
+RESUME_IGNORABLE = ("data_path", "eval_data_path", "data_content", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "world_size", "model_max_length", "packing", "lora_alpha",
+                    "base_model")
 
 
 @dataclass
@@ -205,6 +217,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Do not print the memory planner's predicted peak at start, nor warn when it "
                           "exceeds the device memory (see scripts/plan.py)."},
     )
+    logging_steps: Optional[float] = field(
+        default=None,
+        metadata={"help": "Log the loss every N update steps (a number < 1: that share of the run). Default: "
+                          "about 10 lines per run, every max(1, total steps // 10) steps."},
+    )
     # Preference tuning (docs/preference.md); names follow LLaMA-Factory.
     stage: str = field(
         default="sft",
@@ -235,9 +252,20 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Compute the reference log-probs of every pair once before training (no reference "
                           "model held during training; resumption exact)."},
     )
+    resume_ignore_mismatch: str = field(
+        default="",
+        metadata={"help": "Comma-separated settings in which --resume_from_checkpoint may differ from the run "
+                          "that wrote the checkpoint: " + ", ".join(RESUME_IGNORABLE) + " (docs/training.md)."},
+    )
 
     def __post_init__(self) -> None:
         # Ours first: transformers' own checks below may already set up devices.
+        # No --logging_steps: decided from the total step count when training starts (trainer.py); until
+        # then transformers' checks see a valid share of the run (HF's default of 500 logs nothing in a
+        # short run).
+        self.default_logging_steps = self.logging_steps is None
+        if self.default_logging_steps:
+            self.logging_steps = 0.1
         if self.model_max_length < 8:
             raise UsageError(f"--model_max_length {self.model_max_length}: must be at least 8")
         if self.z_loss_weight is not None and not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
@@ -246,6 +274,7 @@ class TrainingArguments(transformers.TrainingArguments):
             raise UsageError("--fp16 True needs a GPU; use --bf16 True or fp32 on CPU")
         _check_counts(self)
         _check_preference(self)
+        _check_resume_ignore_mismatch(self.resume_ignore_mismatch)
         # Before transformers reads the DeepSpeed file itself (a JSON list, a bad file, or batch sizes that
         # disagree with the flags would otherwise fail there or only after the model is loaded).
         check_deepspeed_config(self)
@@ -257,6 +286,13 @@ class TrainingArguments(transformers.TrainingArguments):
             if self.warmup_ratio:
                 self.warmup_steps = self.warmup_ratio
         super().__post_init__()
+
+
+def _check_resume_ignore_mismatch(value: str) -> None:
+    for name in (n.strip() for n in (value or "").split(",")):
+        if name and name not in RESUME_IGNORABLE:
+            raise UsageError(f"--resume_ignore_mismatch {value}: {name!r} cannot be ignored; choose from "
+                             + ", ".join(RESUME_IGNORABLE))
 
 
 def _check_preference(t: "TrainingArguments") -> None:
@@ -381,8 +417,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Arguments:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     parser = _parser()
-    # The official command line uses --gradient_checkpointing, an alias of --activation_checkpointing.
-    warnings.filterwarnings("ignore", message="`gradient_checkpointing.*` is deprecated", category=FutureWarning)
+    quiet.install()  # again: a caller's warnings.catch_warnings (pytest's) may have reset the filters
     without_rank, local_rank = pop_local_rank(argv)
     try:
         if is_config_file(without_rank):

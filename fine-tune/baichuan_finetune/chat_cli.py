@@ -33,12 +33,23 @@ def read_user_message(read_line=input) -> str:
     return "\n".join(lines)
 
 
+def new_conversation(system: str = "") -> list[dict]:
+    """The messages a conversation starts with: the system prompt, if any (``--system``)."""
+    return [{"role": "system", "content": system}] if system else []
+
+
 def run_terminal_chat(model, tokenizer, generation_config: GenerationConfig, stream: bool = True,
-                      read_line=input, write=None) -> None:
-    """The interactive loop of ``scripts/cli_demo.py``; history is kept in the chat format."""
+                      read_line=input, write=None, system: str = "") -> None:
+    """The interactive loop of ``scripts/cli_demo.py``; history is kept in the chat format.
+
+    ``system`` is the system prompt of every conversation ('clear' keeps it): the system message of
+    the chat format, whose ids are those training gives a record's ``system`` field.
+    """
     write = write or (lambda text: print(text, end="", flush=True))
-    messages: list[dict] = []
+    messages = new_conversation(system)
     write(f"Baichuan 2 chat ({'streaming' if stream else 'not streaming'}). {CLI_HELP}\n")
+    if system:
+        write(f"System prompt: {system}\n")
     while True:
         try:
             text = read_user_message(read_line)
@@ -52,7 +63,7 @@ def run_terminal_chat(model, tokenizer, generation_config: GenerationConfig, str
         if command in ("exit", "quit"):
             return
         if command == "clear":
-            messages = []
+            messages = new_conversation(system)
             write("(history cleared)\n")
             continue
         if command == "stream":

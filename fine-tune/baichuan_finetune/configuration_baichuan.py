@@ -74,6 +74,12 @@ class BaichuanConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
             )
+        if position_embedding == ROPE and (hidden_size // num_attention_heads) % 2:
+            # RoPE rotates pairs of channels: with an odd head size the model would fail at its first step.
+            raise ValueError(
+                f"head size {hidden_size // num_attention_heads} (hidden_size {hidden_size} / num_attention_heads "
+                f"{num_attention_heads}) is odd; RoPE needs an even head size"
+            )
         if hidden_act != "silu":
             raise ValueError(f"Baichuan2 uses hidden_act 'silu', got {hidden_act!r}")
         self.vocab_size = vocab_size

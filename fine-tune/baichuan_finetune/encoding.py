@@ -10,6 +10,9 @@ training data and the chat prompt are built the same way. This module adds the l
 | assistant | ``196, ids(text)`` | ``-100, ids(text)`` |
 | end | ``2`` | ``2`` |
 
+An assistant turn with ``"weight": 0`` (OpenAI fine-tuning format) has all labels -100, and so has
+the eos that ends it (the next user role token's label, or the final eos's).
+
 Examples longer than `model_max_length` are cut to their first `model_max_length` tokens ("head",
 official) or lose whole trailing rounds ("rounds").
 """
@@ -62,24 +65,38 @@ class EncodedChunk:
         return [(self.input_ids[s:e].tolist(), self.labels[s:e].tolist()) for s, e in zip(starts, ends)]
 
 
-def _assemble(conv: Conversation, ids: list[list[int]], k: int) -> tuple[list[int], list[int], list[int], int]:
-    """Input ids, labels and the end of each assistant turn of `conv`, whose texts are `ids[k:]`."""
+def _assemble(conv: Conversation, ids: list[list[int]],
+              k: int) -> tuple[list[int], list[int], list[tuple[int, int]], int]:
+    """Input ids, labels, and (end, label of the eos that closes it) of each assistant turn of `conv`,
+    whose texts are `ids[k:]`.
+
+    An untrained turn (``"weight": 0``) has no label, and neither has the eos that ends it (the next
+    user role token's or the final one): learning to stop that answer is part of that answer.
+    """
     inp: list[int] = []
     lab: list[int] = []
     if conv.system:
         inp += ids[k]
         lab += [IGNORE_INDEX] * len(ids[k])
         k += 1
-    round_ends: list[int] = []
-    for role, _ in conv.turns:
+    untrained = set(conv.untrained_turns)
+    rounds: list[tuple[int, int]] = []
+    eos_label = EOS_ID  # the label of the next eos: ignored right after an untrained answer
+    for t, (role, _) in enumerate(conv.turns):
+        labels = turn_labels(role, ids[k])
+        if t in untrained:
+            labels = [IGNORE_INDEX] * len(labels)
+        elif role == USER:
+            labels[0] = eos_label
         inp += turn_ids(role, ids[k])
-        lab += turn_labels(role, ids[k])
+        lab += labels
         k += 1
+        eos_label = IGNORE_INDEX if t in untrained else EOS_ID
         if role == ASSISTANT:
-            round_ends.append(len(inp))
+            rounds.append((len(inp), eos_label))
     inp.append(EOS_ID)
-    lab.append(EOS_ID)
-    return inp, lab, round_ends, k
+    lab.append(eos_label)
+    return inp, lab, rounds, k
 
 
 def _texts(conv: Conversation) -> list[str]:
@@ -137,14 +154,15 @@ def encode_conversations(
     num_truncated = 0
     k = 0
     for j, i in enumerate(todo):
-        inp, lab, round_ends, k = _assemble(conversations[i], ids, k)
+        inp, lab, rounds, k = _assemble(conversations[i], ids, k)
         full_lengths[j] = len(inp)
         if len(inp) > model_max_length:
             num_truncated += 1
-            fitting = [e for e in round_ends if e + 1 <= model_max_length] if truncation == "rounds" else []
+            fitting = [r for r in rounds if r[0] + 1 <= model_max_length] if truncation == "rounds" else []
             if fitting:
-                inp = inp[: fitting[-1]] + [EOS_ID]
-                lab = lab[: fitting[-1]] + [EOS_ID]
+                end, eos_label = fitting[-1]
+                inp = inp[:end] + [EOS_ID]
+                lab = lab[:end] + [eos_label]
             else:
                 inp = inp[:model_max_length]
                 lab = lab[:model_max_length]

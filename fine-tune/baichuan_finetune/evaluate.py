@@ -267,8 +267,44 @@ def file_layout(path: Path, columns: dict | None = None, answer_format: str | No
 
 
 def question_files(folder: Path) -> dict[str, Path]:
-    """Subject -> question file (CSV, JSON or JSONL) of one split folder."""
-    return {subject_of(p): p for p in sorted(folder.glob("*")) if p.suffix in QUESTION_SUFFIXES and p.is_file()}
+    """Subject -> question file (CSV, JSON or JSONL) of one split folder; `EvalDataError` when two
+    files give the same subject (``x.csv`` and ``x.json``, or ``x.csv`` and ``x_test.csv``): which
+    one to evaluate is the user's choice, not ours."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.glob("*")):
+        if path.suffix not in QUESTION_SUFFIXES or not path.is_file():
+            continue
+        subject = subject_of(path)
+        if subject in files:
+            raise EvalDataError(f"{folder}: two files for the subject {subject!r}: {files[subject].name} and "
+                                f"{path.name}; keep one of them in {folder.name}/")
+        files[subject] = path
+    return files
+
+
+def read_questions(path: Path, layout: Layout, limit: int | None = None) -> list[Item]:
+    """The questions of `path` to evaluate (at most `limit`): `EvalDataError` when there are none (a
+    header-only file would count as 0% in the average) or one has no answer (it cannot be scored)."""
+    items = read_task_file(path, layout)[:limit]
+    if not items:
+        raise EvalDataError(f"{path}: no questions (an empty or header-only file); remove it or leave its subject "
+                            "out with --subjects")
+    if any(item.answer is None for item in items):
+        raise EvalDataError(f"{path}: some questions have no answer; evaluate a split with answers (--split)")
+    return items
+
+
+def read_shots(path: Path, layout: Layout, shots: int) -> list[Item]:
+    """The first `shots` questions of the dev file `path`, each with its answer (a shot shows it)."""
+    items = read_task_file(path, layout)[:shots]
+    if not items:
+        raise EvalDataError(f"{path}: no questions for the {shots}-shot examples (an empty or header-only file); "
+                            "use --shots 0 or fill it")
+    missing = [n for n, item in enumerate(items, start=1) if item.answer is None]
+    if missing:
+        raise EvalDataError(f"{path}: dev question {missing[0]} has no answer ({len(missing)} of the first "
+                            f"{len(items)}); the {shots}-shot examples need their answers (or use --shots 0)")
+    return items
 
 
 def subject_of(path: Path) -> str:
@@ -280,12 +316,30 @@ def subject_of(path: Path) -> str:
 
 
 def subject_names(task_dir: Path, style: str) -> dict[str, str]:
-    """Display names for the header: C-Eval's subject_mapping.json, CMMLU's table, else the file name."""
+    """Display names for the header: C-Eval's subject_mapping.json, CMMLU's table, else the file name.
+
+    ``subject_mapping.json`` maps each subject to a name or to C-Eval's ``[english, chinese, category]``;
+    anything else raises `EvalDataError` naming the file (and the subject).
+    """
     mapping = task_dir / "subject_mapping.json"
-    if mapping.is_file():
-        data = json.loads(mapping.read_text(encoding="utf-8"))
-        return {k: (v[1] if style == "zh" else v[0]) if isinstance(v, list) else v for k, v in data.items()}
-    return dict(CMMLU_SUBJECTS_ZH) if style == "zh" else {}
+    if not mapping.exists():
+        return dict(CMMLU_SUBJECTS_ZH) if style == "zh" else {}
+    try:
+        data = json.loads(mapping.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalDataError(f"{mapping}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise EvalDataError(f"{mapping}: expected a JSON object of subject -> name, found {type(data).__name__}")
+    names = {}
+    for subject, value in data.items():
+        if isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) for v in value[:2]):
+            names[subject] = value[1] if style == "zh" else value[0]
+        elif isinstance(value, str):
+            names[subject] = value
+        else:
+            raise EvalDataError(f"{mapping}: subject {subject!r}: expected a name or [english, chinese, ...], "
+                                f"found {json.dumps(value, ensure_ascii=False)[:60]}")
+    return names
 
 
 def find_split(task_dir: Path, split: str | None) -> Path:
@@ -409,15 +463,13 @@ def evaluate_task(
     started = time.perf_counter()
     results = []
     for subject, path in files.items():
-        items = read_task_file(path, layouts[subject])[:limit]
-        if any(item.answer is None for item in items):
-            raise ValueError(f"{path}: some questions have no answer; evaluate a split with answers (--split)")
+        items = read_questions(path, layouts[subject], limit)
         dev = []
         if shots:
             if subject not in dev_files:
                 raise FileNotFoundError(f"{task_dir / 'dev'} has no file for {subject} ({shots}-shot needs one)")
             dev_path = dev_files[subject]
-            dev = read_task_file(dev_path, file_layout(dev_path, columns, answer_format, header))[:shots]
+            dev = read_shots(dev_path, file_layout(dev_path, columns, answer_format, header), shots)
         result = SubjectResult(subject, names.get(subject, subject.replace("_", " ")))
         prompts = []
         for item in items:
@@ -505,15 +557,16 @@ def check_arguments(args) -> None:
     if not subjects:
         raise ValueError(f"--task_dir {args.task_dir}: no question files (CSV, JSON, JSONL) in {split_dir}")
     dev_dir = task_dir / "dev"
-    dev_files = question_files(dev_dir)
+    dev_files = question_files(dev_dir) if args.shots else {}
+    layouts = {}
     for subject in subjects:
-        items = read_task_file(files[subject], file_layout(files[subject], columns, answer_format, header))[: args.limit]
-        if any(item.answer is None for item in items):
-            raise EvalDataError(f"{files[subject]}: some questions have no answer; evaluate a split with answers (--split)")
+        layouts[subject] = file_layout(files[subject], columns, answer_format, header)
+        read_questions(files[subject], layouts[subject], args.limit)
         if args.shots:
             if subject not in dev_files:
                 raise ValueError(f"--shots {args.shots}: {dev_dir} has no file for {subject}")
-            read_task_file(dev_files[subject], file_layout(dev_files[subject], columns, answer_format, header))
+            read_shots(dev_files[subject], file_layout(dev_files[subject], columns, answer_format, header), args.shots)
+    subject_names(task_dir, args.prompt_style or next(iter(layouts.values())).prompt_style)
     if args.output_json:
         out = Path(args.output_json)
         if out.is_dir():
@@ -544,7 +597,9 @@ def run(args) -> dict:
     if args.output_json:
         out = Path(args.output_json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(harness_results(report, args), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        # allow_nan=False: a bare NaN is not JSON (json.loads in other languages and jq refuse it).
+        out.write_text(json.dumps(harness_results(report, args), ensure_ascii=False, indent=2, allow_nan=False) + "\n",
+                       encoding="utf-8")
         print(f"wrote {args.output_json}")
         if getattr(args, "log_samples", False):
             for subject, path in write_samples(report, out).items():
@@ -552,10 +607,11 @@ def run(args) -> dict:
     return report
 
 
-def _stderr(correct: int, total: int) -> float:
-    """Standard error of the mean accuracy, as lm-evaluation-harness computes it (sample stdev / sqrt(n))."""
+def _stderr(correct: int, total: int) -> float | None:
+    """Standard error of the mean accuracy, as lm-evaluation-harness computes it (sample stdev / sqrt(n));
+    None (JSON null) for one question, where it is undefined (the harness writes "N/A" there)."""
     if total < 2:
-        return float("nan")
+        return None
     p = correct / total
     return math.sqrt(p * (1 - p) * total / (total - 1) / total)
 

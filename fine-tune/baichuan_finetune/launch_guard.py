@@ -8,7 +8,8 @@ Three faults of a launched run, and what this module does about each:
   parent-death signal (``PR_SET_PDEATHSIG``: the kernel sends SIGKILL to the rank when its parent,
   ``launch.py`` or ``torchrun``, dies) and, under ``launch.py``, watches ``launch.py``'s own parent
   (the runner, or the ssh session that started it) from a daemon thread: when it is gone the rank
-  logs one line and exits, and ``launch.py`` then stops the other ranks.
+  logs one line and exits, and ``launch.py`` then stops the other ranks. A training run stops instead as
+  on SIGTERM (`preemption`): a checkpoint at the next step boundary, within the grace period.
 - **A killed launcher reads as success.** DeepSpeed's runner exits 0 when ``launch.py`` dies by a
   signal (it checks only ``returncode > 0``). ``scripts/train.sh`` therefore names a status file in
   ``BAICHUAN_FINETUNE_STATUS_FILE``; `record_run_finished` writes it (local main process of each node,
@@ -99,6 +100,14 @@ def _gone(message: str) -> None:
     os._exit(ORPHAN_EXIT_CODE)
 
 
+def _stop_like_sigterm(message: str) -> bool:
+    """Stop the run as SIGTERM would (a checkpoint at the next step boundary, see `preemption`) when a
+    training run installed its handlers; False otherwise. Looked up, not imported: a process that never
+    imported `preemption` has no handler."""
+    preemption = sys.modules.get(f"{__package__}.preemption")
+    return preemption is not None and preemption.request_stop(f"{message}; stopping at the next step")
+
+
 def _watch(launcher_pid: int, watched_pid: int | None, poll: float) -> None:
     while True:
         time.sleep(poll)
@@ -108,8 +117,14 @@ def _watch(launcher_pid: int, watched_pid: int | None, poll: float) -> None:
         if launcher_parent is None:
             _gone(f"launcher (pid {launcher_pid}) is gone")
         if watched_pid is not None and launcher_parent != watched_pid:
-            # launch.py was reparented: the runner that started it (or the ssh session) died.
-            _gone(f"the deepspeed runner (pid {watched_pid}) that started this node's launcher is gone")
+            # launch.py was reparented: the runner that started it (or the ssh session) died. A SIGTERM
+            # to the runner (scripts/train.sh passes its TERM/INT on to it, and Kubernetes signals only
+            # the container's first process) ends it at once, so this is how most stops reach a rank:
+            # stop as SIGTERM does (bounded by the grace period), with launch.py still here to wait.
+            message = f"the deepspeed runner (pid {watched_pid}) that started this node's launcher is gone"
+            if not _stop_like_sigterm(f"[rank {os.environ.get('RANK', '?')}] {message}"):
+                _gone(message)
+            watched_pid = None  # asked once; launch.py's own death still ends this rank
 
 
 def guard_against_orphaning(poll: float = POLL_SECONDS) -> Guard | None:

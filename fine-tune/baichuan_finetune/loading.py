@@ -10,6 +10,11 @@ Three kinds of directory, told apart by their files:
 `check_model_dir` checks a directory before anything is loaded (valid JSON configs, weights present
 and structurally whole, a tokenizer, an adapter's base), so the tools fail in one line naming the
 file instead of in a traceback from deep inside a loader.
+
+No code from a directory ever runs: every transformers call passes ``trust_remote_code=False`` (left
+out, transformers asks on stdin, and a "yes" piped into a tool would run the directory's module), and
+a directory whose config names code that is not ours (`preflight.foreign_code`) is refused in one
+line by `check_model_dir` and by `load_model` itself.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import baichuan_finetune  # noqa: F401  (registers our Auto classes)
 
 from .attention import check_available, kernel_name
 from .configuration_baichuan import chat_generation_config
+from .preflight import foreign_code
 from .weight_files import ADAPTER_WEIGHT_FILES, MODEL_WEIGHT_FILES, WeightFilesError, check_weights
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -93,10 +99,35 @@ def _check_weights(model_dir: Path, names: tuple[str, ...], what: str) -> None:
         raise ModelDirError(str(e)) from None
 
 
+def _check_code(config_dir: Path, tokenizer_dir: Path | None = None) -> None:
+    """Refuse `config_dir` when its config.json, or the tokenizer_config.json of `tokenizer_dir` (default:
+    the same directory), names model code that is not ours: one line naming the file."""
+    config_file = config_dir / "config.json"
+    config = read_json_object(config_file)
+    tokenizer_file = (tokenizer_dir or config_dir) / "tokenizer_config.json"
+    tokenizer_config = read_json_object(tokenizer_file) if tokenizer_file.is_file() else None
+    problem = foreign_code(config, tokenizer_config)
+    if problem:
+        raise ModelDirError(f"{config_file}: {problem}")
+
+
+def check_own_code(model_dir: str | Path) -> None:
+    """Refuse (`ModelDirError`, one line) a model or adapter directory, or an adapter's base, whose files
+    name model code that is not this toolkit's: nothing of it is imported."""
+    model_dir = Path(model_dir)
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        base_dir = resolve_base_dir(read_adapter_config(model_dir)["base_model_name_or_path"], model_dir)
+        _check_code(base_dir)
+        _check_code(base_dir, tokenizer_dir=model_dir)
+    else:
+        _check_code(model_dir)
+
+
 def _check_full_model(model_dir: Path) -> None:
     config = read_json_object(model_dir / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise ModelDirError(f"{model_dir / 'config.json'}: no model_type")
+    _check_code(model_dir)
     _check_weights(model_dir, MODEL_WEIGHT_FILES, "model")
 
 
@@ -120,6 +151,7 @@ def check_model_dir(path: str | os.PathLike, flag: str = "--model") -> str:
         if not (base_dir / "config.json").is_file():
             raise ModelDirError(f"{model_dir / ADAPTER_CONFIG}: its base model {base_dir} has no config.json")
         _check_full_model(base_dir)
+        _check_code(base_dir, tokenizer_dir=model_dir)
         if not (model_dir / TOKENIZER_FILE).is_file() and not (base_dir / TOKENIZER_FILE).is_file():
             raise ModelDirError(f"{flag} {path}: no {TOKENIZER_FILE} here nor in its base model {base_dir}")
         return "lora"
@@ -184,7 +216,7 @@ def load_tokenizer(model_dir: str | Path):
     source = model_dir
     if model_kind(model_dir) == "lora" and not (model_dir / TOKENIZER_FILE).is_file():
         source = adapter_base_dir(model_dir)
-    return AutoTokenizer.from_pretrained(str(source))
+    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
 
 
 def load_model(
@@ -205,6 +237,7 @@ def load_model(
     """
     model_dir = Path(model_dir)
     kind = model_kind(model_dir)
+    check_own_code(model_dir)  # callers that skipped check_model_dir too
     dtype = resolve_dtype(dtype)
     # Without a device the weights stay where from_pretrained puts them: the CPU.
     check_available(attn_implementation or "sdpa", torch.device(device or "cpu").type, training=False)
@@ -216,14 +249,15 @@ def load_model(
         # An adapter saved without task_type names its base class by module: allow ours.
         allowlist = [*get_default_import_allowlist(), "baichuan_finetune"]
         model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, import_allowlist=allowlist,
-                                                         **attention)
+                                                         trust_remote_code=False, **attention)
         has_own = (model_dir / GENERATION_CONFIG).is_file()
         generation_source = model_dir if has_own else Path(adapter_base_dir(model_dir))
         model.get_base_model().generation_config = _load_generation_config(generation_source)
         if quantization_bits:
             model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **attention)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False,
+                                                     **attention)
         model.generation_config = _load_generation_config(model_dir)
     if device:
         model.to(device)

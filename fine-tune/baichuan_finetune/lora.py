@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from .arguments import ALL_LINEAR, LoraArguments, UsageError
+from .arguments import LoraArguments, UsageError
 from .modeling_baichuan import LINEAR_LAYER_NAMES
+from .plan import ALL_LINEAR
 
 
 def check_targets(model, targets: str | list[str]) -> None:
-    """`UsageError` naming every ``--lora_target_modules`` entry that is no module of `model`."""
+    """`UsageError` naming every ``--lora_target_modules`` entry that is no module of `model`.
+
+    The flag's names were checked against Baichuan2's when parsed (`plan.parse_lora_targets`); this
+    catches a model directory whose modules are named otherwise.
+    """
     if targets == ALL_LINEAR:
         return
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -12,6 +12,7 @@ that the base is the one the adapter was trained on (``fingerprint``: refused un
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -56,6 +57,9 @@ def parse_shard_size(value: str | int) -> int:
 
 
 def _check_output_dir(output_dir: Path, adapter_dir: Path, base_dir: Path, overwrite: bool) -> None:
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise MergeError(f"output_dir {output_dir} is a dangling symbolic link (to {os.readlink(output_dir)}): "
+                         "create its target or remove the link")
     if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
         raise MergeError(f"{output_dir}: write the merged model to a new directory, not over its inputs")
     if output_dir.exists() and not output_dir.is_dir():
@@ -116,6 +120,43 @@ def check_merge(adapter_dir: str | Path, output_dir: str | Path, max_shard_size:
     return plan
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_merges(output_dir: str | Path) -> list[str]:
+    """Clean up after merges into `output_dir` that were killed (their PID no longer runs here).
+
+    A merge writes ``.NAME.merging-PID`` next to `output_dir` and sets an old `output_dir` aside as
+    ``.NAME.replaced-PID`` for the moment of the swap; a SIGKILL or a power cut leaves them behind.
+    A stale ``merging`` directory is removed (a merge is reproducible); a stale ``replaced`` one too when
+    `output_dir` exists (the swap finished), else it is the only copy of the old output and is kept.
+    Returns a warning for each thing done or kept.
+    """
+    output_dir = Path(output_dir)
+    notes = []
+    if not output_dir.parent.is_dir():
+        return notes
+    for kind in ("merging", "replaced"):
+        for path in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.{kind}-*")):
+            pid = path.name.rpartition("-")[2]
+            if not pid.isdigit() or _pid_running(int(pid)):
+                continue  # a merge still running (on this machine) owns it
+            if kind == "replaced" and not output_dir.exists():
+                notes.append(f"{path} is the previous {output_dir}, set aside by a merge that was killed (PID {pid}); "
+                             f"kept: move it back to {output_dir.name} or remove it")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            notes.append(f"removed {path}, left by a merge that was killed (PID {pid})")
+    return notes
+
+
 def merge_lora(
     adapter_dir: str | Path,
     output_dir: str | Path,
@@ -133,7 +174,7 @@ def merge_lora(
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     plan = check_merge(adapter_dir, output_dir, max_shard_size, force=force, overwrite=overwrite)
-    for message in plan.warnings:
+    for message in plan.warnings + remove_stale_merges(output_dir):
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)))(message)
     peft_model, tokenizer = load_model(adapter_dir, dtype=dtype)
     generation_config = peft_model.get_base_model().generation_config

@@ -159,14 +159,21 @@ def parse_body(raw: bytes):
     return body
 
 
-def parse_chat_request(body) -> ChatRequest:
-    """Validate an OpenAI chat request body; raise ``RequestError`` naming the bad field."""
+def parse_chat_request(body, max_messages: int | None = None) -> ChatRequest:
+    """Validate an OpenAI chat request body; raise ``RequestError`` naming the bad field.
+
+    More than ``max_messages`` messages (the server's ``--max_messages``) are refused before any of
+    them is looked at.
+    """
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     _reject_unknown_fields(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required: a non-empty list of {role, content}", param="messages")
+    if max_messages is not None and len(messages) > max_messages:
+        raise RequestError(f"'messages' holds {len(messages)} messages; this server accepts at most {max_messages} "
+                           "(--max_messages)", param="messages", code="too_many_messages")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

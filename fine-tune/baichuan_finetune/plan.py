@@ -16,6 +16,7 @@ gradient) and the optimizer step (fp32 step temporaries).
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import re
@@ -35,6 +36,18 @@ RELEASED = {
 }
 LINEAR_LAYER_NAMES = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
+# Names users bring from other model families, and Baichuan2's module that plays their part: its
+# attention projects q, k and v with one fused W_pack, so q_proj/k_proj/v_proj have no module of their own.
+OTHER_MODEL_NAMES = {"q_proj": "W_pack", "k_proj": "W_pack", "v_proj": "W_pack", "qkv_proj": "W_pack",
+                     "query_key_value": "W_pack", "c_attn": "W_pack", "Wqkv": "W_pack", "out_proj": "o_proj"}
+# Modules LoRA must not wrap here: the NormHead lm_head is no nn.Linear, and the planner and the adapter
+# saving cover decoder-layer linears only.
+NOT_LORA_TARGETS = ("lm_head", "embed_tokens")
+# Largest accepted model dimension (vocabulary, hidden, intermediate, layers, heads): far above any
+# released model, low enough that every byte count below stays an exact, finite number.
+MAX_DIMENSION = 2**20
+# Largest accepted count of nodes, GPUs, tokens or sequences in a plan (same reason).
+MAX_COUNT = 2**31
 
 # The DeepSpeed options, fastest first (each one moves more to slower memory or communicates more).
 OPTIONS = ("zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_all")
@@ -125,14 +138,44 @@ class ModelShape:
         h, i = self.hidden_size, self.intermediate_size
         return {"W_pack": (h, 3 * h), "o_proj": (h, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def __post_init__(self) -> None:
+        where = self.name or "config.json"
+        for key in DIMENSIONS:
+            _check_dimension(where, key, getattr(self, key))
+        if self.position_embedding not in ("rope", "alibi"):
+            raise PlanError(f'{where}: "position_embedding" {json.dumps(self.position_embedding)}: '
+                            'expected "rope" or "alibi"')
+        h, heads = self.hidden_size, self.num_attention_heads
+        if h % heads:
+            raise PlanError(f'{where}: "hidden_size" {h} is not a multiple of "num_attention_heads" {heads}')
+        if self.position_embedding == "rope" and (h // heads) % 2:
+            # RoPE rotates pairs of channels: an odd head size has no pairing (the model fails at its first step).
+            raise PlanError(f'{where}: head size {h // heads} (hidden_size {h} / num_attention_heads {heads}) '
+                            "is odd; RoPE needs an even head size")
+
     @classmethod
     def from_config(cls, config: dict, name: str = "") -> "ModelShape":
-        try:
-            pe = config.get("position_embedding") or ("rope" if config.get("max_position_embeddings") else "alibi")
-            return cls(int(config["vocab_size"]), int(config["hidden_size"]), int(config["intermediate_size"]),
-                       int(config["num_hidden_layers"]), int(config["num_attention_heads"]), pe, name)
-        except KeyError as e:
-            raise PlanError(f"{name or 'config'}: config.json has no {e.args[0]}") from None
+        """The shape in a parsed ``config.json``; `PlanError` naming `name` and the field when one is bad."""
+        where = name or "config.json"
+        values = []
+        for key in DIMENSIONS:
+            if key not in config:
+                raise PlanError(f"{where}: config.json has no {key}")
+            values.append(_check_dimension(where, key, config[key]))
+        pe = config.get("position_embedding") or ("rope" if config.get("max_position_embeddings") else "alibi")
+        return cls(*values, pe, name)
+
+
+DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_dimension(where: str, key: str, value: Any) -> int:
+    """`value` as an int when it is a whole number from 1 to `MAX_DIMENSION` (4096.0 counts); `PlanError` if not."""
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    if not whole or not 1 <= value <= MAX_DIMENSION:
+        raise PlanError(f'{where}: "{key}" {json.dumps(value)}: expected a whole number from 1 to {MAX_DIMENSION}')
+    return int(value)
 
 
 def load_shape(model: str) -> ModelShape:
@@ -155,17 +198,59 @@ def load_shape(model: str) -> ModelShape:
     return ModelShape.from_config(config, name=str(path))
 
 
+def parse_lora_targets(text: str) -> str | tuple[str, ...]:
+    """``--lora_target_modules`` checked: `ALL_LINEAR`, or Baichuan2 linear names (duplicates dropped).
+
+    The one parser of the flag (training's arguments, this planner, and through them lora.py).
+    Names from other models are refused with the Baichuan2 name to use (LLaMA's q_proj,v_proj ->
+    W_pack): a silent translation would train k as well and change what the user asked for.
+    `PlanError` (one line, listing the valid names) otherwise.
+    """
+    valid = f"valid: {', '.join(LINEAR_LAYER_NAMES)} or {ALL_LINEAR}"
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise PlanError("--lora_target_modules: give module names (e.g. W_pack,o_proj) or all-linear")
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    bad = [t for t in names if t not in LINEAR_LAYER_NAMES]
+    if not bad:
+        return tuple(dict.fromkeys(names))
+    flag = f"--lora_target_modules {','.join(names)}"
+    if ALL_LINEAR in names:
+        raise PlanError(f"{flag}: {ALL_LINEAR} stands alone (it already covers every linear layer)")
+    foreign = [t for t in bad if t in OTHER_MODEL_NAMES]
+    if foreign:
+        ours = (OTHER_MODEL_NAMES.get(t, t) for t in names)
+        suggestion = ",".join(dict.fromkeys(t for t in ours if t in LINEAR_LAYER_NAMES))
+        why = ("Baichuan2 projects q, k and v with one fused W_pack" if
+               any(OTHER_MODEL_NAMES[t] == "W_pack" for t in foreign) else "Baichuan2 names it o_proj")
+        what = "is not a Baichuan2 module" if len(foreign) == 1 else "are not Baichuan2 modules"
+        raise PlanError(f"{flag}: {', '.join(foreign)} {what} ({why}); did you mean {suggestion}? ({valid})")
+    excluded = [t for t in bad if t in NOT_LORA_TARGETS]
+    if excluded:
+        raise PlanError(f"{flag}: {', '.join(excluded)} cannot take LoRA adapters here (decoder-layer linear "
+                        f"layers only; {valid})")
+    close = {t: next((n for n in LINEAR_LAYER_NAMES if n.lower() == t.lower()), None) or
+             next(iter(difflib.get_close_matches(t, LINEAR_LAYER_NAMES, n=1)), None) for t in bad}
+    hints = [c for c in close.values() if c]
+    raise PlanError(f"{flag}: no module named {', '.join(bad)} in Baichuan2"
+                    + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; {valid}")
+
+
 def lora_targets(targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The decoder-layer linear names LoRA wraps (``all-linear``: all of them; peft leaves out lm_head)."""
-    if isinstance(targets, str):
-        if targets.strip() == ALL_LINEAR:
-            return LINEAR_LAYER_NAMES
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in LINEAR_LAYER_NAMES]
-    if unknown or not targets:
-        raise PlanError(f"--lora_target_modules: {', '.join(unknown) or 'empty'}: use names from "
-                        f"{', '.join(LINEAR_LAYER_NAMES)} or {ALL_LINEAR}")
-    return tuple(dict.fromkeys(targets))
+    parsed = parse_lora_targets(targets if isinstance(targets, str) else ",".join(targets))
+    return LINEAR_LAYER_NAMES if parsed == ALL_LINEAR else parsed
+
+
+def check_lora_rank(shape: ModelShape, r: int, targets: tuple[str, ...], model: str = "this model") -> None:
+    """`PlanError` when `r` exceeds the smaller side of a targeted weight: such a rank adds parameters
+    (and memory: ``--lora_r 1e9`` would ask for petabytes) without adding rank."""
+    shapes = shape.linear_shapes()
+    limit = min(targets, key=lambda t: min(shapes[t]))
+    if r > min(shapes[limit]):
+        raise PlanError(f"--lora_r {r}: at most {min(shapes[limit])} for {model} (the smaller side of "
+                        f"{limit}'s {' x '.join(map(str, shapes[limit]))} weight)")
 
 
 def lora_trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
@@ -200,13 +285,20 @@ class Setup:
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora", "qlora"):
             raise PlanError(f"--method {self.method}: not full, lora or qlora")
-        for name in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "lora_r"):
+        flags = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "seq_len": "model_max_length",
+                 "micro_batch": "per_device_train_batch_size", "lora_r": "lora_r"}
+        for name, flag in flags.items():
             if getattr(self, name) < 1:
-                raise PlanError(f"--{name} {getattr(self, name)}: must be at least 1")
+                raise PlanError(f"--{flag} {getattr(self, name)}: must be at least 1")
+            if getattr(self, name) > MAX_COUNT:
+                raise PlanError(f"--{flag} {getattr(self, name)}: must be at most {MAX_COUNT}")
         if self.gpu_memory_bytes <= 0:
             raise PlanError(f"--gpu_memory_gb {self.gpu_memory_bytes / 1e9:g}: must be positive")
         if self.cpu_memory_bytes is not None and self.cpu_memory_bytes <= 0:
             raise PlanError(f"--cpu_memory_gb {self.cpu_memory_bytes / 1e9:g}: must be positive")
+        self.lora_targets = lora_targets(self.lora_targets)
+        if self.method != "full":
+            check_lora_rank(self.shape, self.lora_r, self.lora_targets)
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise PlanError(f"--precision {self.precision}: not bf16, fp16 or fp32")
         if self.device not in ("cuda", "cpu"):
@@ -465,31 +557,45 @@ class Plan:
 
 
 def _levers(s: Setup, estimates: dict[str, Estimate]) -> list[str]:
-    """What to change when nothing fits, cheapest first; each tried in turn and reported if it fits."""
+    """What to change when nothing fits, cheapest first: each lever is planned in full (the flags it
+    adds to the user's, each kept by the levers after it) and reported with its predicted peak."""
     out = []
+    smaller = {"micro_batch": 1} if s.micro_batch > 1 else {}
+    smaller_flags = " --per_device_train_batch_size 1" if smaller else ""
+    ckpt = {"checkpointing": True, **smaller}
+    ckpt_flags = ("" if s.checkpointing else " --gradient_checkpointing True") + smaller_flags
 
-    def fits(**changes) -> str | None:
+    def outcome(**changes) -> str:
         trial = copy.copy(s)
         for k, v in changes.items():
             setattr(trial, k, v)
-        return next((o for o in OPTIONS if estimate(trial, o).fits_with_margin), None)
+        options = ("zero2",) if trial.method == "qlora" else OPTIONS  # as plan(): no ZeRO-3 for 4-bit weights
+        trials = {o: estimate(trial, o) for o in options}
+        fit = next((o for o in options if trials[o].fits_with_margin), None)
+        if fit:
+            return f": fits with {OPTION_TITLES[fit]}, peak {gib(trials[fit].peak)} of {gib(s.gpu_memory_bytes)}"
+        low = min(trials, key=lambda o: trials[o].peak)
+        return f": still does not fit (lowest: {OPTION_TITLES[low]}, peak {gib(trials[low].peak)})"
 
-    if s.micro_batch > 1:
-        opt = fits(micro_batch=1)
+    if smaller:
         out.append(f"--per_device_train_batch_size 1 with --gradient_accumulation_steps x{s.micro_batch}"
-                   + (f": fits with {OPTION_TITLES[opt]}" if opt else ": still does not fit"))
+                   + outcome(**smaller))
     if not s.checkpointing:
-        opt = fits(checkpointing=True, micro_batch=1)
-        out.append("--gradient_checkpointing True" + (f": fits with {OPTION_TITLES[opt]}" if opt else
-                                                       ": still does not fit"))
-    out.append("optimizer/parameter offload (ZeRO-3 offload options above): slower, needs host memory")
+        out.append(ckpt_flags.strip() + outcome(**ckpt))
+    if s.method != "qlora":
+        out.append("optimizer/parameter offload (ZeRO-3 offload options above): slower, needs host memory")
+    lora = {"lora_r": s.lora_r, "lora_targets": s.lora_targets} if s.method != "full" else {
+        "lora_r": 1, "lora_targets": ("W_pack",)}  # training's defaults
     if s.method == "full":
-        opt = fits(method="lora", lora_targets=("W_pack",), checkpointing=True, micro_batch=1)
-        out.append("--use_lora True" + (f": fits with {OPTION_TITLES[opt]}" if opt else ": still does not fit"))
+        out.append("--use_lora True" + ckpt_flags + outcome(method="lora", **lora, **ckpt))
+    if s.method != "qlora":
+        # QLoRA: the frozen base in 4-bit NF4 (0.56 bytes per weight); ZeRO-2 only, a CUDA GPU with bitsandbytes.
+        out.append("--use_lora True --q_lora True" + ckpt_flags + " with ds_config_zero2.json"
+                   + outcome(method="qlora", **lora, **ckpt))
     for extra in (2, 4):
-        opt = fits(nodes=s.nodes * extra, checkpointing=True, micro_batch=1)
-        if opt:
-            out.append(f"more GPUs: {s.nodes * extra} nodes fit with {OPTION_TITLES[opt]}")
+        trial = outcome(nodes=s.nodes * extra, **ckpt)
+        if "fits with" in trial:
+            out.append(f"more GPUs: {s.nodes * extra} nodes" + (f" with{ckpt_flags}" if ckpt_flags else "") + trial)
             break
     else:
         out.append("more GPUs")
@@ -606,28 +712,29 @@ def _free_device_memory() -> tuple[int, int] | None:
 
 
 def launch_setup(model_path: str, training, lora, data, ds: dict | None) -> Setup | None:
-    """The `Setup` of a fine-tune.py launch (None when the model's config.json is not local)."""
-    try:
-        shape = load_shape(model_path)
-    except PlanError:
-        return None
+    """The `Setup` of a fine-tune.py launch (None when the model's config.json is not local, or the
+    launch is one the planner cannot model: the flags and the config were refused before this if bad)."""
     method = "qlora" if lora.q_lora else "lora" if lora.use_lora else "full"
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
     cpu = bool(getattr(training, "use_cpu", False))
-    free = None if cpu else _free_device_memory()
     zero = dict((ds or {}).get("zero_optimization") or {})
-    return Setup(
-        shape=shape, method=method, lora_r=max(lora.lora_r, 1),
-        lora_targets=lora_targets(lora.lora_target_modules) if method != "full" else ("W_pack",),
-        nodes=max(world // max(local, 1), 1), gpus_per_node=max(local, 1),
-        gpu_memory_bytes=free[1] if free else 80 * 10**9,
-        seq_len=training.model_max_length, micro_batch=training.per_device_train_batch_size,
-        packing=bool(getattr(data, "packing", False)),
-        checkpointing=bool(getattr(training, "gradient_checkpointing", False)),
-        precision="bf16" if training.bf16 else "fp16" if training.fp16 else "fp32",
-        device="cpu" if cpu else "cuda", ds_overrides={k: v for k, v in zero.items() if not isinstance(v, dict)},
-    )
+    try:
+        shape = load_shape(model_path)
+        free = None if cpu else _free_device_memory()
+        return Setup(
+            shape=shape, method=method, lora_r=max(lora.lora_r, 1),
+            lora_targets=lora_targets(lora.lora_target_modules) if method != "full" else ("W_pack",),
+            nodes=max(world // max(local, 1), 1), gpus_per_node=max(local, 1),
+            gpu_memory_bytes=free[1] if free else 80 * 10**9,
+            seq_len=training.model_max_length, micro_batch=training.per_device_train_batch_size,
+            packing=bool(getattr(data, "packing", False)),
+            checkpointing=bool(getattr(training, "gradient_checkpointing", False)),
+            precision="bf16" if training.bf16 else "fp16" if training.fp16 else "fp32",
+            device="cpu" if cpu else "cuda", ds_overrides={k: v for k, v in zero.items() if not isinstance(v, dict)},
+        )
+    except PlanError:
+        return None
 
 
 def launch_line(s: Setup, option: str | None, free: tuple[int, int] | None = None) -> tuple[str, str | None]:

@@ -48,6 +48,9 @@ from .records import (
 from .tokenization_baichuan import ASSISTANT, EOS_ID, USER, PlainTextEncoder, turn_ids
 
 DROP_TOO_LONG = "prompt too long to leave room for the answers"
+# Answers that differ only beyond the cut (or not at all once tokenized): both rows would score the same
+# tokens, so the pair has no preference to learn and only dilutes the batch's loss.
+DROP_IDENTICAL = "chosen and rejected identical after truncation"
 
 
 @dataclass
@@ -246,13 +249,23 @@ def _dataset(encoded: list[EncodedPair]) -> Dataset:
 
 
 def encode_pairs(encoder: PlainTextEncoder, pairs: Sequence[PreferencePair],
-                 model_max_length: int) -> tuple[list[EncodedPair], list[str]]:
-    """Encoded pairs, and the sources of those dropped for length."""
-    kept, dropped = [], []
+                 model_max_length: int) -> tuple[list[EncodedPair], dict[str, list[str]]]:
+    """Encoded pairs, and the sources of those dropped, by reason (`DROP_TOO_LONG`, `DROP_IDENTICAL`)."""
+    kept: list[EncodedPair] = []
+    dropped: dict[str, list[str]] = {}
     for pair in pairs:
         e = encode_pair(encoder, pair, model_max_length)
-        (kept.append(e) if e is not None else dropped.append(pair.source))
+        if e is None:
+            dropped.setdefault(DROP_TOO_LONG, []).append(pair.source)
+        elif e.chosen_input_ids == e.rejected_input_ids:
+            dropped.setdefault(DROP_IDENTICAL, []).append(pair.source)
+        else:
+            kept.append(e)
     return kept, dropped
+
+
+def _dropped_text(dropped: dict[str, list[str]]) -> str:
+    return ", ".join(f"{len(sources)} {reason}" for reason, sources in sorted(dropped.items()))
 
 
 def prepare_pairs(data_args: Any, tokenizer: Any, model_max_length: int, seed: int = 42) -> PreparedPairs:
@@ -264,13 +277,16 @@ def prepare_pairs(data_args: Any, tokenizer: Any, model_max_length: int, seed: i
     read = read_pairs(data_args.data_path, data_args.on_bad_record)
     train, dropped = encode_pairs(encoder, read.pairs, model_max_length)
     if not train:
-        raise DataError(f"{data_args.data_path}: no preference pair left to train on")
+        why = f" (dropped: {_dropped_text(dropped)} at --model_max_length {model_max_length})" if dropped else ""
+        raise DataError(f"{data_args.data_path}: no preference pair left to train on{why}")
     eval_pairs: list[EncodedPair] = []
+    eval_dropped: dict[str, list[str]] = {}
     if data_args.eval_data_path:
         eval_read = read_pairs(data_args.eval_data_path, data_args.on_bad_record)
-        eval_pairs, _ = encode_pairs(encoder, eval_read.pairs, model_max_length)
+        eval_pairs, eval_dropped = encode_pairs(encoder, eval_read.pairs, model_max_length)
         if not eval_pairs:
-            raise DataError(f"{data_args.eval_data_path}: no evaluation pair left")
+            why = f" (dropped: {_dropped_text(eval_dropped)})" if eval_dropped else ""
+            raise DataError(f"{data_args.eval_data_path}: no evaluation pair left{why}")
     elif data_args.val_size > 0:
         k = split_sizes(len(train), data_args.val_size)
         perm = np.random.default_rng(seed).permutation(len(train))
@@ -285,7 +301,9 @@ def prepare_pairs(data_args: Any, tokenizer: Any, model_max_length: int, seed: i
     if bad:
         lines.append("  skipped bad records: " + ", ".join(f"{n} {r}" for r, n in sorted(bad.items())))
     if dropped:
-        lines.append(f"  dropped: {len(dropped)} {DROP_TOO_LONG}")
+        lines.append(f"  dropped: {_dropped_text(dropped)}")
+    if eval_dropped:
+        lines.append(f"  dropped from evaluation: {_dropped_text(eval_dropped)}")
     collator = PairCollator(model_max_length=model_max_length, padding=data_args.padding)
     return PreparedPairs(_dataset(train), _dataset(eval_pairs) if eval_pairs else None, collator, PairReport("\n".join(lines)))
 

@@ -3,7 +3,8 @@
 `arguments` checks what the flags say; this module checks what they point at on this machine: the
 output directory can be written (without creating it: a run that fails a later check must leave no
 trace), the model directory is complete (config.json, tokenizer.model, weights whose headers are
-intact), and ``--model_name_or_path``'s config allows ``--model_max_length``. Every failure is a
+intact), and ``--model_name_or_path``'s config allows ``--model_max_length`` (its sizes, head size and
+``--lora_r`` checked as the planner checks them). Every failure is a
 `UsageError` (one line naming the flag or the file, exit code 2): these are paths given on the
 command line. `train.run` calls `check_run` right after the resume checkpoint is chosen and before
 old checkpoints are deleted, the data prepared or the model loaded.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Arguments, UsageError
+from .plan import ModelShape, PlanError, check_lora_rank, lora_targets
 from .weight_files import WeightFilesError, check_weights
 
 MODEL_FLAG = "--model_name_or_path"
@@ -29,7 +31,20 @@ def check_run(args: Arguments) -> dict[str, Any]:
     config = check_model(args.model.model_name_or_path, args.training.cache_dir)
     check_model_max_length(config, args.training.model_max_length, args.training.allow_longer_than_trained,
                            args.model.model_name_or_path)
+    check_shape(config, args)
     return config
+
+
+def check_shape(config: dict[str, Any], args: Arguments) -> None:
+    """The planner's checks of the config's dimensions (whole, sane, an even RoPE head size) and of
+    ``--lora_r`` against them: found now, not as a crash at the first step or an out-of-memory."""
+    model = args.model.model_name_or_path
+    try:
+        shape = ModelShape.from_config(config, name=f"{model}/config.json")
+        if args.lora.use_lora:
+            check_lora_rank(shape, args.lora.lora_r, lora_targets(args.lora.lora_target_modules), model)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----- output directory -----
@@ -43,6 +58,9 @@ def check_output_dir(output_dir: str) -> None:
     """
     flag = f"--output_dir {output_dir}"
     path = Path(output_dir)
+    if path.is_symlink() and not path.exists():  # else creating it fails later with a bare "File exists"
+        raise UsageError(f"{flag}: a dangling symbolic link (to {os.readlink(path)}): create its target or remove "
+                         "the link")
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{flag}: is a file, not a directory")
@@ -96,6 +114,35 @@ def _probe(directory: Path, flag: str, message: str) -> None:
 
 
 # ----- base model -----
+
+# The only model code this toolkit runs: its own, registered for model_type "baichuan" when the package
+# is imported. These module names are the ones official Baichuan2 checkpoints and our saved directories
+# name in ``auto_map``; transformers (called with ``trust_remote_code=False``) ignores them and uses ours.
+# Any other model_type or auto_map entry is code we did not write: transformers would run it (after an
+# interactive prompt that a "yes" on stdin answers), so such a directory is refused before any load.
+OWN_MODEL_TYPE = "baichuan"
+OWN_CODE = frozenset({"configuration_baichuan.BaichuanConfig", "modeling_baichuan.BaichuanForCausalLM",
+                      "tokenization_baichuan.BaichuanTokenizer", "tokenization_baichuan.BaichuanTokenizerFast"})
+
+
+def foreign_code(config: dict[str, Any], tokenizer_config: dict[str, Any] | None = None) -> str | None:
+    """Why a directory's ``config.json`` (and ``tokenizer_config.json``) would run code that is not
+    ours, or None: a model_type other than "baichuan", or an ``auto_map`` naming another module."""
+    model_type = config.get("model_type")
+    if model_type != OWN_MODEL_TYPE:
+        return (f"model_type {json.dumps(model_type)} is not Baichuan2 ({json.dumps(OWN_MODEL_TYPE)}); this "
+                "toolkit runs only its own model code, never a directory's")
+    for source in (config, tokenizer_config or {}):
+        auto_map = source.get("auto_map") or {}
+        if not isinstance(auto_map, dict):
+            return f"auto_map {json.dumps(auto_map)[:80]}: expected an object"
+        for auto_class, target in auto_map.items():
+            targets = target if isinstance(target, (list, tuple)) else [target]
+            for name in targets:
+                if name is not None and name not in OWN_CODE:
+                    return (f"auto_map names code that is not this toolkit's ({auto_class}: "
+                            f"{json.dumps(name)[:80]}); this toolkit runs only its own model code")
+    return None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -154,6 +201,9 @@ def _read_config(config_file: Path) -> dict[str, Any]:
         raise UsageError(f"{config_file}: not valid JSON: {' '.join(str(e).split())}") from None
     if not isinstance(config, dict):
         raise UsageError(f"{config_file}: expected a JSON object of model settings")
+    problem = foreign_code(config, _optional_json(config_file.parent / "tokenizer_config.json"))
+    if problem:
+        raise UsageError(f"{config_file}: {problem}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -162,6 +212,15 @@ def _read_config(config_file: Path) -> dict[str, Any]:
         raise UsageError(f"{config_file}: \"position_embedding\" {json.dumps(config['position_embedding'])}: "
                          "expected \"rope\" or \"alibi\"")
     return config
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when it is missing or unreadable (its own check reports that)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _check_tokenizer(path: Path) -> None:

@@ -5,7 +5,8 @@ Supported formats, detected per file from its first object record:
 - official / ShareGPT: ``{"id", "conversations": [{"from": ..., "value": ...}]}`` (``role``/``content``
   keys are accepted too), roles human/user, gpt/assistant and a leading system;
   an optional record-level ``system`` string;
-- OpenAI messages: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``;
+- OpenAI messages: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``; an
+  assistant message's optional ``"weight"`` (OpenAI fine-tuning): 0 = not trained, 1 = trained;
 - Alpaca: ``instruction``, optional ``input``, ``output``, optional ``history`` of
   ``[user, assistant]`` pairs and optional ``system``.
 
@@ -17,8 +18,10 @@ index, ``line N``: 1-based JSONL line) and the field.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -55,6 +58,7 @@ class Conversation:
     turns: list[tuple[str, str]]  # (USER | ASSISTANT, text)
     system: str = ""
     source: str = ""  # "file line N" / "file record N", for messages and previews
+    untrained_turns: tuple[int, ...] = ()  # indices into `turns` of assistant turns with "weight": 0
 
 
 @dataclass
@@ -86,9 +90,20 @@ class _Bad(Exception):
 
 
 def expand_data_paths(data_path: str) -> list[str]:
-    """Split a comma-separated `data_path` and expand directories to their .json/.jsonl files (sorted)."""
+    """The files `data_path` names: one file or directory, or comma-separated ones; a directory gives
+    its .json/.jsonl files (sorted).
+
+    A `data_path` that exists as a whole is one path, even with a comma in its name; only otherwise is
+    it split at commas. Pipes (a ``<(...)`` process substitution, ``/dev/stdin``) are refused: the
+    data is read more than once (the cache key hashes it, every rank reads it), and a pipe gives its
+    content only once.
+    """
+    if os.path.exists(data_path):
+        parts = [data_path]
+    else:
+        parts = [p.strip() for p in data_path.split(",")]
     paths: list[str] = []
-    for part in (p.strip() for p in data_path.split(",")):
+    for part in parts:
         if not part:
             continue
         if os.path.isdir(part):
@@ -97,7 +112,13 @@ def expand_data_paths(data_path: str) -> list[str]:
                 raise DataError(f"{part}: directory holds no .json or .jsonl files")
             paths.extend(found)
         elif os.path.exists(part):
+            if not stat.S_ISREG(os.stat(part).st_mode):
+                raise DataError(f"{part}: not a regular file (a pipe, e.g. a <(...) process substitution, can be read "
+                                "only once and the data is read several times): write it to a file first")
             paths.append(part)
+        elif len(parts) > 1:
+            raise DataError(f"{part}: no such file or directory (the data path {data_path!r} is not an existing "
+                            "path, so it was split at commas)")
         else:
             raise DataError(f"{part}: no such file or directory")
     if not paths:
@@ -311,6 +332,7 @@ def _parse_messages(record: dict, key: str, roles: dict[str, str], expected: str
     system = _text(record.get("system"), "system", required=False)
     has_system_field = "system" in record and record.get("system") is not None
     turns: list[tuple[str, str]] = []
+    untrained: list[int] = []  # turns with "weight": 0
     for i, msg in enumerate(messages):
         where = f"{key}[{i}]"
         if not isinstance(msg, dict):
@@ -332,10 +354,23 @@ def _parse_messages(record: dict, key: str, roles: dict[str, str], expected: str
             continue
         if role not in roles:
             raise _Bad(f"{where}.{role_key}", f"unknown role {role!r} (expected {expected})", "unknown role")
+        if "weight" in msg and not _trained(msg["weight"], roles[role], f"{where}.weight"):
+            untrained.append(len(turns))
         turns.append((roles[role], text))
     if not turns:
         raise _Bad(key, "empty conversation (only a system message)", "empty conversation")
-    return Conversation(turns=turns, system=system)
+    return Conversation(turns=turns, system=system, untrained_turns=tuple(untrained))
+
+
+def _trained(weight: Any, role: str, field: str) -> bool:
+    """OpenAI fine-tuning's per-message ``weight``: 1 trains an assistant message, 0 does not;
+    anything else (or a weight on another role) is bad data rather than a guess."""
+    if role != ASSISTANT:
+        raise _Bad(field, "only assistant messages have a weight", "bad weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        shown = json.dumps(weight) if not isinstance(weight, float) or math.isfinite(weight) else repr(weight)
+        raise _Bad(field, f"weight {shown}: expected 0 (not trained) or 1 (trained)", "bad weight")
+    return weight == 1
 
 
 def _parse_sharegpt(record: dict) -> Conversation:

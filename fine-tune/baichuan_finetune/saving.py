@@ -4,11 +4,12 @@ per output directory.
 **Checkpoints are transactions.** A checkpoint directory ``checkpoint-N`` counts only once its
 completion marker exists. Before ``checkpoint-N`` is (re)written, its marker is removed and any old
 content set aside; the marker is written last, by the main process, after every process has written
-its shards, and lists every file with its size. Rotation (``--save_total_limit``) runs only after the
+its shards, and lists every file with its size and sha256. Rotation (``--save_total_limit``) runs only after the
 new checkpoint is complete and never deletes the newest complete one. A run killed while writing a
 checkpoint therefore never resumes from the half-written one, and `validate_checkpoint` checks a
-checkpoint before a resume trusts it (file sizes as recorded, ``trainer_state.json`` parses, every
-safetensors header and torch zip directory readable).
+checkpoint before a resume trusts it (every file listed, none added, sizes and sha256 as recorded,
+``trainer_state.json`` parses, every safetensors header and torch zip directory readable, and no torch
+pickle asking for more than tensors and plain values: see `checkpoint_trust`).
 
 **The final directory** of a full fine-tune holds consolidated safetensors (gathered from ZeRO-3, no
 ``zero_to_fp32.py``); a LoRA run holds exactly the trained adapter weights. Both also get the
@@ -55,6 +56,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from transformers import GenerationConfig
 
+from . import checkpoint_trust
 from .arguments import UsageError
 from .configuration_baichuan import chat_generation_config
 from .weight_files import weights_file_problem
@@ -275,7 +277,8 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, int]:
 
 def mark_checkpoint_complete(path: str | os.PathLike, global_step: int) -> None:
     """Write the completion marker last, atomically (temporary file, fsync, rename), listing every file of
-    the checkpoint with its size; the files are fsynced first so that the marker never outlives them."""
+    the checkpoint with its size and sha256; the files are fsynced first so that the marker never
+    outlives them. Main process, after every process has written its files."""
     path = Path(path)
     files = checkpoint_files(path)
     for rel in files:
@@ -285,10 +288,12 @@ def mark_checkpoint_complete(path: str | os.PathLike, global_step: int) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    digests = checkpoint_trust.sha256_many([path / rel for rel in files])
+    listed = {rel: {"size": size, "sha256": digest} for (rel, size), digest in zip(files.items(), digests)}
     tmp = path / f".{COMPLETE_MARKER}.tmp"
     with open(tmp, "w") as f:
         json.dump({"global_step": global_step, "time": time.time(), "total_bytes": sum(files.values()),
-                   "files": files}, f, indent=1)
+                   "files": listed}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / COMPLETE_MARKER)
@@ -303,9 +308,25 @@ def checkpoint_bytes(path: str | os.PathLike) -> int | None:
         return None
 
 
+def _marker_files(info) -> dict[str, tuple[int, str]] | None:
+    """The marker's file list as {relative path: (size, sha256)}, None when it has none in that form."""
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, dict):
+        return None
+    out = {}
+    for rel, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            return None
+        out[rel] = (entry["size"], entry["sha256"])
+    return out
+
+
 def validate_checkpoint(path: str | os.PathLike) -> str | None:
-    """What is wrong with checkpoint `path` (None when it looks loadable): its marker, the file sizes it
-    records, ``trainer_state.json``, every safetensors header and torch zip directory."""
+    """What is wrong with checkpoint `path` (None when it looks loadable): its marker must list every file
+    with the size and sha256 it has (no file missing, changed or added since), ``trainer_state.json``
+    parses, every safetensors header and torch zip directory is readable, and every torch pickle a
+    resume loads holds only tensors and allowed values (`checkpoint_trust`)."""
     path = Path(path)
     if not path.is_dir():
         return "no such checkpoint directory"
@@ -316,14 +337,22 @@ def validate_checkpoint(path: str | os.PathLike) -> str | None:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
         return f"{COMPLETE_MARKER} is unreadable"
-    files = info.get("files") if isinstance(info, dict) else None
-    if isinstance(files, dict):  # markers written before file lists existed have none
-        for rel, size in files.items():
-            f = path / rel
-            if not f.is_file():
-                return f"{rel} is missing"
-            if f.stat().st_size != size:
-                return f"{rel} has {f.stat().st_size} bytes, {size} when the checkpoint was completed"
+    recorded = _marker_files(info)
+    if recorded is None:  # written by an older version, or by hand: nothing to check the files against
+        return f"{COMPLETE_MARKER} lists no files with their size and sha256, so its files cannot be verified"
+    present = checkpoint_files(path)
+    for rel, (size, _) in recorded.items():
+        if rel not in present:
+            return f"{rel} is missing"
+        if present[rel] != size:
+            return f"{rel} has {present[rel]} bytes, {size} when the checkpoint was completed"
+    extra = sorted(set(present) - set(recorded))
+    if extra:
+        return f"{extra[0]} was added after the checkpoint was completed"
+    rels = sorted(recorded)
+    for rel, digest in zip(rels, checkpoint_trust.sha256_many([path / rel for rel in rels])):
+        if digest != recorded[rel][1]:
+            return f"{rel} was changed after the checkpoint was completed (its sha256 differs)"
     state = path / "trainer_state.json"
     try:
         parsed = json.loads(state.read_text(encoding="utf-8"))
@@ -339,6 +368,11 @@ def validate_checkpoint(path: str | os.PathLike) -> str | None:
         if f.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             continue
         problem = weights_file_problem(f)
+        if problem:
+            return f"{f.relative_to(path).as_posix()}: {problem}"
+    # Last, as it reads the most: a matching marker proves nothing against whoever could write both.
+    for f in checkpoint_trust.pickle_files(path):
+        problem = checkpoint_trust.unsafe_pickle_problem(f)
         if problem:
             return f"{f.relative_to(path).as_posix()}: {problem}"
     return None

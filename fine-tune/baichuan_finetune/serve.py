@@ -12,6 +12,10 @@ that cannot be started (queue full, or not started within ``queue_timeout``) get
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad requests,
 503 (``type: server_error``, ``code: overloaded``) when the server cannot take the request.
+
+A request's size (``--max_request_bytes``) and message count (``--max_messages``) are checked before
+anything tokenizes it, and its parsing and tokenization run in a thread, so one huge request never
+blocks the event loop: other clients and ``/health`` are answered meanwhile.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations (``Request`` is
@@ -51,8 +55,11 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_QUEUE_TIMEOUT = 60.0
 DEFAULT_STUCK_AFTER = 120.0
 # A chat request is a few KB; 4 MiB leaves room for long conversations and refuses a body that
-# would only cost memory and parse time.
+# would only cost memory and parse time (default of --max_request_bytes).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# OpenAI's own limit on 'messages'; a conversation that fits a Baichuan2 context has far fewer (each
+# message costs at least its role token). Default of --max_messages.
+DEFAULT_MAX_MESSAGES = 2048
 # A body over the limit is still read (and dropped) up to this size so the client, which is usually
 # still uploading, receives the 400; answering mid-upload closes the connection under it (a reset).
 MAX_DRAIN_BYTES = 64 * 1024 * 1024
@@ -61,6 +68,31 @@ MAX_DRAIN_BYTES = 64 * 1024 * 1024
 GRACEFUL_SHUTDOWN_SECONDS = 2
 # How often a waiting request checks whether its client is still there.
 POLL_SECONDS = 0.5
+
+
+def api_key_problem(key: str | None) -> str | None:
+    """Why ``--api_key`` cannot protect a server, or None (None itself: no key, an open server).
+
+    An empty key is what ``--api_key "$KEY"`` gives when KEY is unset: it would start an open server
+    without a word. Whitespace around a key, or a character outside printable ASCII, makes a key no
+    client can send in an HTTP header (or that never compares equal): the server would refuse everyone.
+    """
+    if key is None:
+        return None
+    if not key.strip():
+        return ("--api_key is empty or blank (an unset variable in --api_key \"$KEY\"?): give a key, or leave "
+                "the flag out to serve without one")
+    if key != key.strip():
+        return "--api_key: the key starts or ends with whitespace, which clients cannot send; remove it"
+    if not all(33 <= ord(c) <= 126 for c in key):
+        return ("--api_key: the key may hold only printable ASCII characters without spaces (an HTTP header "
+                "cannot carry others)")
+    return None
+
+
+def _size(n: int) -> str:
+    """``4 MiB (4194304 bytes)`` for a byte count (MiB shown when whole)."""
+    return f"{n // 2**20} MiB ({n} bytes)" if n % 2**20 == 0 else f"{n} bytes"
 
 
 class Overloaded(RuntimeError):
@@ -420,12 +452,19 @@ def _legacy_logprobs(reply) -> dict | None:
 
 def create_app(model, tokenizer, model_name: str = "baichuan2", max_queue: int = DEFAULT_MAX_QUEUE,
                queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, stuck_after: float = DEFAULT_STUCK_AFTER,
-               api_key: str | None = None):
+               api_key: str | None = None, max_messages: int = DEFAULT_MAX_MESSAGES,
+               max_request_bytes: int = MAX_BODY_BYTES):
     """The FastAPI application serving ``model`` (its ``ChatService`` is ``app.state.service``).
 
     With ``api_key``, every ``/v1/`` request needs ``Authorization: Bearer <api_key>`` (else 401);
-    the page and ``/health`` stay open (the page asks for the key and sends it).
+    the page and ``/health`` stay open (the page asks for the key and sends it). A key that cannot
+    work (`api_key_problem`: empty, blank, not printable ASCII) raises ``ValueError``. Bodies over
+    ``max_request_bytes`` and chats of more than ``max_messages`` messages get a 400 naming the limit
+    before anything is tokenized.
     """
+    problem = api_key_problem(api_key)
+    if problem:
+        raise ValueError(problem)
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -497,22 +536,40 @@ def create_app(model, tokenizer, model_name: str = "baichuan2", max_queue: int =
     def web_demo():
         return page
 
+    drain_bytes = max(MAX_DRAIN_BYTES, max_request_bytes)
+
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length", "")
-        too_large = RequestError(f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB "
-                                 f"({MAX_BODY_BYTES} bytes)", code="body_too_large")
-        if length.isdigit() and int(length) > MAX_DRAIN_BYTES:
+        too_large = RequestError(f"the request body is larger than {_size(max_request_bytes)}, this server's "
+                                 "limit (--max_request_bytes)", code="body_too_large")
+        if length.isdigit() and int(length) > drain_bytes:
             raise too_large  # answered at once; the connection closes under the rest of the upload
         chunks, size = [], 0
         async for chunk in request.stream():  # also bounds a chunked body without a length
             size += len(chunk)
-            if size > MAX_DRAIN_BYTES:
+            if size > drain_bytes:
                 raise too_large
-            if size <= MAX_BODY_BYTES:
+            if size <= max_request_bytes:
                 chunks.append(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > max_request_bytes:
             raise too_large
         return b"".join(chunks)
+
+    def parse_and_prepare(raw: bytes, chat: bool) -> tuple[ChatRequest, PreparedChat]:
+        """Body to prepared chat (``RequestError`` for a bad one). Parsing and tokenizing cost time in
+        proportion to the body: this runs in a thread, never on the event loop."""
+        body = parse_body(raw)
+        if chat:
+            chat_request = parse_chat_request(body, max_messages=max_messages)
+        else:
+            chat_request = parse_completion_request(body)
+        if chat_request.logprobs and chat_request.stream:
+            raise RequestError("'logprobs' is not supported with 'stream': true (ask without streaming)",
+                               param="logprobs", code="unsupported_parameter")
+        if body.get("model") not in (None, model_name):
+            raise RequestError(f"the model {short_repr(body.get('model'))} does not exist; this server "
+                               f"has {model_name!r}", param="model", code="model_not_found")
+        return chat_request, service.prepare(chat_request)  # length errors before any streaming
 
     async def wait_for_start(request: Request, job: Job, reader: _AsyncReader) -> str | None:
         """None once the worker has started ``job``; else why it never will (the job is withdrawn)."""
@@ -547,15 +604,8 @@ def create_app(model, tokenizer, model_name: str = "baichuan2", max_queue: int =
 
     async def complete(request: Request, chat: bool):
         try:
-            body = parse_body(await read_body(request))
-            chat_request = parse_chat_request(body) if chat else parse_completion_request(body)
-            if chat_request.logprobs and chat_request.stream:
-                raise RequestError("'logprobs' is not supported with 'stream': true (ask without streaming)",
-                                   param="logprobs", code="unsupported_parameter")
-            if body.get("model") not in (None, model_name):
-                raise RequestError(f"the model {short_repr(body.get('model'))} does not exist; this server "
-                                   f"has {model_name!r}", param="model", code="model_not_found")
-            prepared = service.prepare(chat_request)  # length errors before any streaming starts
+            raw = await read_body(request)
+            chat_request, prepared = await asyncio.to_thread(parse_and_prepare, raw, chat)
         except RequestError as exc:
             status = 404 if exc.code == "model_not_found" else 400
             return JSONResponse(error_body(str(exc), exc.param, exc.code), status_code=status)
@@ -675,6 +725,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -699,6 +756,11 @@ def build_arg_parser(description: str) -> ToolArgumentParser:
     parser.add_argument("--stuck_after", type=_positive_float, default=DEFAULT_STUCK_AFTER,
                         help="seconds without a new token after which /health says stuck (HTTP 503) "
                              "(default %(default)s)")
+    parser.add_argument("--max_messages", type=_positive_int, default=DEFAULT_MAX_MESSAGES,
+                        help="most messages in one chat request; more get HTTP 400 before any tokenizing "
+                             "(default %(default)s)")
+    parser.add_argument("--max_request_bytes", type=_positive_int, default=MAX_BODY_BYTES,
+                        help="largest request body in bytes; larger get HTTP 400 (default %(default)s: 4 MiB)")
     return parser
 
 
@@ -727,9 +789,16 @@ def serve(args, banner: str = "OpenAI-compatible API", parser: ToolArgumentParse
     The model directory is checked before loading (one line, exit 2, through ``parser``'s error);
     returns once stopped; the scripts then call ``exit_now()``.
     """
-    import uvicorn
-
     parser = parser or build_arg_parser("serve")
+    try:
+        import fastapi  # noqa: F401  (the tools extras: one line, not a ModuleNotFoundError traceback)
+        import uvicorn
+    except ImportError as e:
+        parser.fail(f"the server needs {e.name or 'fastapi and uvicorn'}: pip install -r requirements-tools.txt")
+    api_key = getattr(args, "api_key", None)
+    problem = api_key_problem(api_key)
+    if problem:
+        parser.error(problem)
     try:
         kind = check_model_dir(args.model)
     except ModelDirError as exc:
@@ -738,7 +807,9 @@ def serve(args, banner: str = "OpenAI-compatible API", parser: ToolArgumentParse
                                           quantization_bits=args.quantize)
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(model, tokenizer, name, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                     stuck_after=args.stuck_after, api_key=getattr(args, "api_key", None))
+                     stuck_after=args.stuck_after, api_key=api_key,
+                     max_messages=getattr(args, "max_messages", DEFAULT_MAX_MESSAGES),
+                     max_request_bytes=getattr(args, "max_request_bytes", MAX_BODY_BYTES))
     service: ChatService = app.state.service
 
     class Server(uvicorn.Server):

@@ -1,7 +1,9 @@
 """Fine-tune Baichuan2 with the HF Trainer and DeepSpeed: parse -> model -> data -> Trainer -> save.
 
 `main(argv)` is what ``fine-tune/fine-tune.py`` runs. Exit codes: 0 done, 1 bad data (`DataError`,
-one message), 2 bad command line or impossible combination (`UsageError`, one line on stderr).
+one message), 2 bad command line or impossible combination (`UsageError`, one line on stderr);
+128 + the signal number (143 SIGTERM, 130 SIGINT) stopped by a signal (`preemption`: a checkpoint at the
+next step boundary during training, nothing left behind before it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +20,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from . import fingerprint, launch_guard, preflight, saving
+from . import fingerprint, launch_guard, preemption, preflight, resume_checks, saving
 from .attention import kernel_name
 from .arguments import PROG, Arguments, LoraArguments, ModelArguments, TrainingArguments, UsageError, parse_args
 from .arguments import deepspeed_config
@@ -29,6 +30,7 @@ from .quantize import quantization_config_for_qlora
 from .records import DataError
 from .losses import training_objective
 from .trainer import BaichuanTrainer, plot_loss_curve
+from . import launch_checks, quiet
 
 logger = logging.getLogger("baichuan_finetune")
 
@@ -60,6 +62,7 @@ class TrainingMethod:
         model = AutoModelForCausalLM.from_pretrained(
             base_model_path(args.model), dtype=torch_dtype(t), cache_dir=t.cache_dir, quantization_config=quantization,
             attn_implementation=kernel_name(args.model.attn_implementation),
+            trust_remote_code=False,  # never ask on stdin; preflight refused code that is not ours
         )
         model.config.use_cache = False
         if self.is_adapter:
@@ -99,6 +102,7 @@ def load_tokenizer(args: Arguments):
         cache_dir=args.training.cache_dir,
         model_max_length=args.training.model_max_length,
         use_fast=False,
+        trust_remote_code=False,
     )
 
 
@@ -110,11 +114,7 @@ def resolve_resume(training: TrainingArguments) -> str | None:
     if value in ("", "False", "false", "None"):
         existing = saving.list_checkpoints(output_dir)
         if existing and not training.overwrite_output_dir:
-            raise UsageError(
-                f"output_dir {output_dir} already holds checkpoints ({existing[-1].name}): pass "
-                "--resume_from_checkpoint True to continue, or --overwrite_output_dir True to delete them "
-                "and start over, or choose another --output_dir"
-            )
+            raise UsageError(launch_checks.checkpoints_refusal(output_dir, existing[-1].name))
         return None
     if value in ("True", "true", "latest", "last"):
         # The newest complete checkpoint that validates; a damaged newer one is skipped, saying so.
@@ -139,8 +139,7 @@ def resolve_resume(training: TrainingArguments) -> str | None:
 
 
 def _setup_logging(training: TrainingArguments) -> None:
-    # DeepSpeed's ZeRO calls these torch.distributed functions every step.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    quiet.install()  # library warnings that tell the user nothing, filtered in one place
     level = training.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.setLevel(logging.INFO if training.process_index == 0 else logging.WARNING)
@@ -191,6 +190,11 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
         # Before data and model: an over-memory launch is flagged in seconds, not after loading.
         memory_plan.report_launch(base_model_path(args.model), t, args.lora, args.data, deepspeed_config(t))
     resume = resolve_resume(t)
+    # What every checkpoint records; a resume must match it before any data or model is loaded.
+    record = resume_checks.run_record(args, base_model_path(args.model))
+    if resume:
+        for line in resume_checks.check_resume(resume, record, t.resume_ignore_mismatch):
+            logger.warning("--resume_ignore_mismatch: %s", line)
     if resume is None and t.overwrite_output_dir:
         if t.should_save and saving.list_checkpoints(t.output_dir):
             removed = saving.remove_checkpoints(t.output_dir)
@@ -227,12 +231,14 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
         eval_dataset=data.eval_dataset,
         data_collator=data.data_collator,
         processing_class=tokenizer,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, preemption.StopOnSignal()],
         **objective,
     )
+    trainer.run_record = record
     if resume:
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
+    preemption.training_finished()  # a signal from here on lets the final save finish
     throughput = trainer.throughput()  # a collective: every process
     if data.eval_dataset is not None and t.eval_strategy == "no":
         trainer.evaluate()
@@ -270,8 +276,16 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     """Parse, train, save; the exit code (errors as one line on stderr, from the first process only)."""
     launch_guard.guard_against_orphaning()  # first: a rank must not outlive its launcher, even while loading
+    preemption.install()  # SIGTERM/SIGINT: a checkpoint at the next step, or nothing left behind
     try:
+        # Cheap checks first (fine-tune.py made them before importing torch; here for callers of main).
+        argv = list(sys.argv[1:] if argv is None else argv)
+        problem = launch_checks.problem(argv)
+        if problem is not None:
+            raise UsageError(problem)
+        launch_checks.announce_op_builds(argv)  # before parsing: --deepspeed sets up (and builds) its comm op
         args = parse_args(argv)
+        preemption.set_output_dir(args.training.output_dir)
         run(args, callbacks)
         launch_guard.record_run_finished(args.training.output_dir, args.training.local_process_index)
     except UsageError as e:
@@ -286,7 +300,12 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except preemption.Preempted as e:  # SIGTERM/SIGINT: the checkpoint (if any) is complete
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
+            print(e.message, file=sys.stderr, flush=True)
+        return e.code
     finally:
+        preemption.uninstall()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

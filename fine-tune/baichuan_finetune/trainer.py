@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import saving
+from . import checkpoint_trust, resume_checks, saving
 from .modeling_baichuan import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ class BaichuanTrainer(Trainer):
         # This process's summed loss after the previous step, and the last step checked for divergence.
         self._loss_before: torch.Tensor | None = None
         self._checked_step = -1
+        # What this run is (resume_checks.run_record), written into every checkpoint; set by train.run.
+        self.run_record: dict | None = None
         self.add_callback(_StartClock(self))
+        self.add_callback(_DefaultLogging())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -184,6 +187,8 @@ class BaichuanTrainer(Trainer):
             self.accelerator.wait_for_everyone()
             if main:
                 saving.fault("before_marker", step, path)
+                if self.run_record is not None:
+                    resume_checks.write_run_record(path, self.run_record)
                 saving.mark_checkpoint_complete(path, step)
         except Exception as e:
             needed, basis = self._checkpoint_bytes_needed(previous)
@@ -197,6 +202,14 @@ class BaichuanTrainer(Trainer):
             saving.fault("after_marker", step, path)
             saving.rotate_checkpoints(run_dir, limit, keep=[path, self.state.best_model_checkpoint], step=step)
         self.accelerator.wait_for_everyone()
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # The one moment between DeepSpeed's engine being built (accelerator.prepare) and HF resuming
+        # through it: from here on it loads checkpoints with weights_only=True (checkpoint_trust).
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if engine is not None:
+            checkpoint_trust.install_safe_checkpoint_engine(engine.engine)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         saving.fault("after_weights", self.state.global_step, output_dir)
@@ -243,9 +256,23 @@ class _StartClock(TrainerCallback):
         self.trainer._training_started()
 
 
+class _DefaultLogging(TrainerCallback):
+    """Without --logging_steps, a loss line at least every 10% of the run: every max(1, steps // 10)
+    steps (transformers' default, every 500 steps, logs nothing in a short run)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "default_logging_steps", False) and state.max_steps > 0:
+            state.logging_steps = default_logging_steps(state.max_steps)
+
+
+def default_logging_steps(max_steps: int) -> int:
+    """Steps between loss lines when --logging_steps is not given: about 10 lines per run."""
+    return max(1, max_steps // 10)
+
+
 def plot_loss_curve(log_history: list[dict], output_dir: str) -> Path | None:
     """``loss_curve.png`` of a Trainer's log history in `output_dir` (skipped with a log line when
-    matplotlib is absent)."""
+    matplotlib is absent or no loss was logged)."""
     try:
         import matplotlib
 
@@ -256,6 +283,9 @@ def plot_loss_curve(log_history: list[dict], output_dir: str) -> Path | None:
         return None
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:  # never an empty picture (nor matplotlib's warning about its legend)
+        logger.info("No loss was logged (fewer steps than --logging_steps?): no loss_curve.png")
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
