@@ -42,12 +42,12 @@ from baichuan_finetune.attention import IMPLEMENTATIONS, check_available, check_
 from baichuan_finetune.configuration_baichuan import BaichuanConfig  # noqa: E402
 from baichuan_finetune.losses import CausalLMLoss  # noqa: E402
 from baichuan_finetune.modeling_baichuan import IGNORE_INDEX, BaichuanForCausalLM  # noqa: E402
+from baichuan_finetune.specs_baichuan import RELEASED, VOCAB_SIZE  # noqa: E402
 
 KERNELS = [name for name in IMPLEMENTATIONS if name != "eager"]
-WIDTHS = {
-    "7B": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, position_embedding="rope"),
-    "13B": dict(hidden_size=5120, intermediate_size=13696, num_attention_heads=40, position_embedding="alibi"),
-}
+# The released models' widths (every dimension but the layer count, which is --layers).
+WIDTHS = {name.upper(): {k: v for k, v in shape.items() if k not in ("vocab_size", "num_hidden_layers")}
+          for name, shape in RELEASED.items()}
 
 
 def availability(name: str, device: str, training: bool, config: BaichuanConfig | None = None) -> str | None:
@@ -215,7 +215,7 @@ def training(device: str, args, rows, peak: float) -> list[str]:
     lines = [f"{'width':<5} {'method':<5} {'implementation':<18} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
              f"{'x sdpa':>7} {'loss':>8}"]
     for width, dims in WIDTHS.items():
-        config = BaichuanConfig(vocab_size=125696, num_hidden_layers=args.layers, model_max_length=args.seq, **dims)
+        config = BaichuanConfig(vocab_size=VOCAB_SIZE, num_hidden_layers=args.layers, model_max_length=args.seq, **dims)
         for method in ("full", "lora"):
             torch.manual_seed(0)
             with torch.device(device):
@@ -301,7 +301,7 @@ def main() -> None:
     peak = bf16_matmul_peak(args.device)
     rows, source = conversation_lengths(args.seq, args.warmup + args.steps)
     fill = sum(sum(n for n, _ in r) for r in rows) / (len(rows) * args.seq)
-    print(f"\ntraining: {args.layers} layers, vocab 125696, bf16, one packed row of {args.seq} tokens per step "
+    print(f"\ntraining: {args.layers} layers, vocab {VOCAB_SIZE}, bf16, one packed row of {args.seq} tokens per step "
           f"({source}; rows {fill:.1%} real tokens), {args.warmup} warm-up + {args.steps} timed steps; "
           f"bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s")
     print("\n".join(training(args.device, args, rows, peak)))

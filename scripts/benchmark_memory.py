@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO_ROOT / "fine-tune"))
 SHARED = REPO_ROOT.parent / "shared"
 TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
 DATA = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
-DS_FILES = {"zero2": "ds_config_zero2.json", "zero3": "ds_config.json"}
 GIB = 1024**3
 
 # (name, zero option, method, sequence length, micro-batch): both stages x full/LoRA, each at two of
@@ -133,7 +132,7 @@ def main() -> None:
                      "--padding", "max_length", "--per_device_train_batch_size", str(batch),
                      "--max_steps", str(args.steps), "--learning_rate", "1e-4", "--save_strategy", "no",
                      "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True", "--use_cpu", "True",
-                     "--deepspeed", str(REPO_ROOT / DS_FILES[option]), "--skip_memory_check", "True"]
+                     "--deepspeed", str(plan.CONFIG_DIR / plan.SHIPPED_CONFIG[option]), "--skip_memory_check", "True"]
             if method == "lora":
                 flags += ["--use_lora", "True"]
             start = time.perf_counter()
@@ -159,7 +158,7 @@ def predict(shape, option: str, method: str, seq: int, batch: int, nproc: int):
     """The planner's CPU estimate for one benchmark configuration."""
     from baichuan_finetune import plan
 
-    zero = json.loads((REPO_ROOT / DS_FILES[option]).read_text())["zero_optimization"]
+    zero = plan.ds_config(option)["zero_optimization"]  # the shipped file of `option`
     setup = plan.Setup(shape=shape, method=method, nodes=1, gpus_per_node=nproc, seq_len=seq, micro_batch=batch,
                        device="cpu", ds_overrides={k: v for k, v in zero.items() if not isinstance(v, dict)})
     return plan.estimate(setup, option)
@@ -168,13 +167,14 @@ def predict(shape, option: str, method: str, seq: int, batch: int, nproc: int):
 def replay(args) -> None:
     """Re-predict recorded measurements (model shape from the recorded arguments)."""
     from baichuan_finetune import plan
+    from baichuan_finetune.specs_baichuan import ROPE, VOCAB_SIZE
 
     results = []
     for path in args.replay.split(","):
         results += json.loads(Path(path).read_text())
     for r in results:
         shape = (plan.ModelShape(**r["shape"]) if "shape" in r else  # runs recorded before shapes were
-                 plan.ModelShape(125696, args.hidden, args.intermediate, args.layers, args.heads, "rope"))
+                 plan.ModelShape(VOCAB_SIZE, args.hidden, args.intermediate, args.layers, args.heads, ROPE))
         est = predict(shape, r["option"], r["method"], r["seq_len"], r["micro_batch"], len(r["ranks"]))
         r.update(predicted_bytes=est.peak, phase=est.phase, ratio=est.peak / r["measured_bytes"], terms=est.terms)
     order = [c[0] for c in CONFIGS]

@@ -1,41 +1,13 @@
-"""Chat in the terminal with a base model, a full fine-tune or a LoRA adapter directory.
+"""Chat in the terminal: ``baichuan-finetune chat`` (baichuan_finetune/cli/chat.py; see --help)."""
 
-    python scripts/cli_demo.py --model output/lora
-    python scripts/cli_demo.py --model output/lora --system "You are a helpful assistant."
+import importlib.util
+import sys
+from pathlib import Path
 
-Type 'clear' for a new conversation, 'stream' to toggle streaming, 'exit' to quit; end a line
-with '\\' to continue it or bracket a pasted block with lines of '\"\"\"'; Ctrl+C stops a reply.
-"""
+if importlib.util.find_spec("baichuan_finetune") is None:  # a source checkout without `pip install`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
 
-import argparse
-
-from baichuan_finetune.chat_cli import add_generation_arguments, check_generation_arguments, run_terminal_chat
-from baichuan_finetune.generation import make_generation_config
-from baichuan_finetune.loading import ToolArgumentParser, add_model_arguments, check_model_dir, load_model_or_exit
-
-
-def main(argv=None) -> None:
-    parser = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--no_stream", action="store_true", help="print each reply when it is complete")
-    parser.add_argument("--system", default="", metavar="TEXT",
-                        help="system prompt of every conversation (as a training record's 'system' field)")
-    add_generation_arguments(parser)
-    args = parser.parse_args(argv)
-    try:  # every flag and the model directory before loading anything: one line, exit 2
-        check_generation_arguments(args)
-        check_model_dir(args.model)
-    except ValueError as e:
-        parser.error(str(e))
-    model, tokenizer = load_model_or_exit(parser, args.model, dtype=args.dtype, device=args.device,
-                                          quantization_bits=args.quantize)
-    config = make_generation_config(model, args.max_new_tokens, args.temperature, args.top_p, args.greedy)
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    run_terminal_chat(model, tokenizer, config, stream=not args.no_stream, system=args.system)
-
+from baichuan_finetune.cli.chat import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,26 +1,16 @@
-"""Normalise lm_head.weight offline (the official "migrate to Baichuan 1" conversion).
+"""Normalise lm_head.weight offline: ``baichuan-finetune convert`` (baichuan_finetune/cli/convert.py).
 
 Usage: python scripts/convert_lm_head.py SRC_MODEL_DIR DST_MODEL_DIR
 """
 
-import argparse
+import importlib.util
 import sys
+from pathlib import Path
 
-from baichuan_finetune.convert import convert_lm_head
+if importlib.util.find_spec("baichuan_finetune") is None:  # a source checkout without `pip install`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src")
-    parser.add_argument("dst")
-    parser.add_argument("--max_shard_size", default="5GB")
-    args = parser.parse_args()
-    try:
-        out = convert_lm_head(args.src, args.dst, args.max_shard_size)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"convert_lm_head: {err}")
-    print(f"wrote {out} with a normalised lm_head.weight")
-
+from baichuan_finetune.cli.convert import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="convert_lm_head"))

@@ -1,17 +1,14 @@
-"""OpenAI-compatible chat API for a base model, a full fine-tune or a LoRA adapter directory.
+"""OpenAI-compatible chat API: ``baichuan-finetune serve`` (baichuan_finetune/cli/serve.py; see --help)."""
 
-    python scripts/openai_api.py --model output/lora --port 8000
-    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
-         -d '{"messages": [{"role": "user", "content": "你好"}], "stream": true}'
-"""
+import importlib.util
+import sys
+from pathlib import Path
 
-from baichuan_finetune.serve import build_arg_parser, exit_now, serve
+if importlib.util.find_spec("baichuan_finetune") is None:  # a source checkout without `pip install`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
 
-
-def main(argv=None) -> None:
-    parser = build_arg_parser(__doc__)
-    serve(parser.parse_args(argv), banner="OpenAI-compatible API", parser=parser)
-
+from baichuan_finetune.cli.serve import main  # noqa: E402
+from baichuan_finetune.serve import exit_now  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,155 +1,23 @@
-"""Memory and launch planner: which DeepSpeed config fits, per GPU and per node, before launch.
+"""Memory and launch planner (``baichuan-finetune plan``; see baichuan_finetune/cli/plan.py or --help).
 
-    python scripts/plan.py --model 13b --method full --nodes 2 --gpus_per_node 8 --gpu_memory_gb 80 \\
-        --cpu_memory_gb 1024 --model_max_length 4096 --per_device_train_batch_size 1 \\
-        [--packing True] [--gradient_checkpointing True] [--precision bf16] [--zero auto|2|3|3_offload|3_offload_all] \\
-        [--json] [--write_ds_config PATH]
-
-Reads only ``config.json`` (``--model 7b``/``13b`` need nothing); see docs/planning.md for the
-memory model. ``--device cpu --nproc N`` predicts per-process RSS growth of a CPU run (float32),
-as measured by scripts/benchmark_memory.py. Bad inputs: one line on stderr, exit code 2.
+Loads the planner without the package's ``__init__`` (which imports torch and transformers, seconds):
+the planner imports neither, so the answer comes in a fraction of a second, even from a source checkout.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import math
 import sys
+import types
 from pathlib import Path
 
-import importlib.util
+if "baichuan_finetune" not in sys.modules:
+    import importlib.util
 
-PLAN_FILE = Path(__file__).resolve().parents[1] / "fine-tune" / "baichuan_finetune" / "plan.py"
-# Loaded as a file, not through the package: the package's __init__ imports torch and transformers
-# (seconds); plan.py imports neither, so the answer comes in a fraction of a second.
-_spec = importlib.util.spec_from_file_location("baichuan_finetune_plan", PLAN_FILE)
-plan = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = plan  # dataclasses look their module up by name
-_spec.loader.exec_module(plan)
+    _spec = importlib.util.find_spec("baichuan_finetune")
+    _dirs = list(_spec.submodule_search_locations) if _spec else [str(Path(__file__).resolve().parents[1] / "fine-tune" / "baichuan_finetune")]
+    _package = types.ModuleType("baichuan_finetune")  # the package's modules, without running its __init__
+    _package.__path__ = _dirs
+    sys.modules["baichuan_finetune"] = _package
 
-ZERO_CHOICES = {"auto": plan.OPTIONS, "2": ("zero2",), "3": ("zero3",), "3_offload": ("zero3_offload_optimizer",),
-                "3_offload_all": ("zero3_offload_all",)}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        print(f"plan.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="7b, 13b, or a model directory with config.json (required)")
-    p.add_argument("--readme_table", action="store_true",
-                   help="print the README's DeepSpeed table (7B/13B full/LoRA on 8 x 80/40/24 GB) and exit")
-    p.add_argument("--method", default="full", choices=["full", "lora", "qlora"])
-    p.add_argument("--lora_r", type=int, default=1, help="LoRA rank (training default 1)")
-    p.add_argument("--lora_target_modules", default="W_pack", help="as in training (default W_pack)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus_per_node", type=int, default=8)
-    p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
-    p.add_argument("--cpu_memory_gb", type=float, default=None, help="host memory per node, GB (for offload)")
-    p.add_argument("--model_max_length", type=int, default=512)
-    p.add_argument("--per_device_train_batch_size", type=int, default=1)
-    p.add_argument("--packing", type=_bool, default=False)
-    p.add_argument("--gradient_checkpointing", type=_bool, default=False)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--zero", default="auto", choices=list(ZERO_CHOICES))
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: predict per-process RSS growth of a CPU run (float32)")
-    p.add_argument("--nproc", type=int, default=None, help="with --device cpu: processes on this machine")
-    p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
-    p.add_argument("--write_ds_config", metavar="PATH", help="write the recommended DeepSpeed config here")
-    return p.parse_args(argv)
-
-
-def readme_table(seq_len: int) -> str:
-    """The README's table: recommended option and predicted peak per GPU, bf16, micro-batch 1,
-    activation checkpointing, 8 GPUs, `seq_len` tokens."""
-    files = {"zero2": "`ds_config_zero2.json`", "zero3": "`ds_config.json`",
-             "zero3_offload_optimizer": "`ds_config.json` + optimizer offload",
-             "zero3_offload_all": "`ds_config_zero3_offload.json`"}
-    gpus = (80, 40, 24)
-    rows = [f"| per GPU (8 GPUs, {seq_len} tokens, micro-batch 1, checkpointing, bf16) | "
-            + " | ".join(f"8 x {g} GB" for g in gpus) + " |", "|---" * (len(gpus) + 1) + "|"]
-    for model, method in (("7b", "full"), ("13b", "full"), ("7b", "lora"), ("13b", "lora")):
-        cells = []
-        for g in gpus:
-            s = plan.Setup(shape=plan.load_shape(model), method=method, gpus_per_node=8, gpu_memory_bytes=g * 10**9,
-                           seq_len=seq_len, checkpointing=True)
-            p = plan.plan(s)
-            if p.recommended:
-                e = p.estimates[p.recommended]
-                host = f", {e.cpu_per_node / plan.GIB:.0f} GiB host RAM per node" if "offload" in p.recommended else ""
-                cells.append(f"{files[p.recommended]} ({e.peak / plan.GIB:.0f} GiB{host})")
-            else:
-                cells.append("nothing fits: " + p.levers[0].split(":")[0])
-        label = f"{model.upper()} {'full' if method == 'full' else 'LoRA (r 1, W_pack)'}"
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.readme_table:
-        print(readme_table(args.model_max_length if args.model_max_length != 512 else 4096))
-        return 0
-    if not args.model:
-        print("plan.py: error: --model is required (7b, 13b or a model directory)", file=sys.stderr)
-        return 2
-    try:
-        shape = plan.load_shape(args.model)
-        targets = plan.lora_targets(args.lora_target_modules) if args.method != "full" else ("W_pack",)
-        if args.nproc is not None and args.device != "cpu":
-            raise plan.PlanError("--nproc: only with --device cpu (GPUs: --nodes and --gpus_per_node)")
-        if args.nproc is not None and args.nproc < 1:
-            raise plan.PlanError(f"--nproc {args.nproc}: must be at least 1")
-        for flag in ("gpu_memory_gb", "cpu_memory_gb"):
-            value = getattr(args, flag)
-            if value is not None and not value > 0:
-                raise plan.PlanError(f"--{flag} {value:g}: must be positive")
-            if value is not None and not math.isfinite(value):
-                raise plan.PlanError(f"--{flag} {value:g}: must be a finite number of GB")
-        setup = plan.Setup(
-            shape=shape, method=args.method, lora_r=args.lora_r, lora_targets=targets,
-            nodes=1 if args.device == "cpu" else args.nodes,
-            gpus_per_node=(args.nproc or 1) if args.device == "cpu" else args.gpus_per_node,
-            gpu_memory_bytes=int(args.gpu_memory_gb * 1e9),
-            cpu_memory_bytes=int(args.cpu_memory_gb * 1e9) if args.cpu_memory_gb else None,
-            seq_len=args.model_max_length, micro_batch=args.per_device_train_batch_size, packing=args.packing,
-            checkpointing=args.gradient_checkpointing, precision=args.precision, device=args.device)
-        options = ZERO_CHOICES[args.zero]
-        if args.device == "cpu":
-            options = tuple(o for o in options if o in ("zero2", "zero3"))  # what the CPU benchmark measures
-            if not options:
-                raise plan.PlanError(f"--zero {args.zero}: with --device cpu only 2, 3 or auto")
-        result = plan.plan(setup, options)
-    except plan.PlanError as e:
-        print(f"plan.py: error: {e}", file=sys.stderr)
-        return 2
-    if args.write_ds_config:
-        try:
-            plan.write_ds_config(result, args.write_ds_config)
-        except OSError as e:
-            print(f"plan.py: error: --write_ds_config {args.write_ds_config}: {e.strerror or e}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    else:
-        print(plan.format_plan(result))
-        if args.write_ds_config:
-            print(f"wrote {args.write_ds_config}")
-    return 0
-
+from baichuan_finetune.cli.plan import main, readme_table  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,20 +1,14 @@
-"""Browser chat with streaming and history, for a base model, a full fine-tune or a LoRA adapter.
+"""Browser chat: ``baichuan-finetune web`` (baichuan_finetune/cli/web.py; see --help)."""
 
-The page is served by the OpenAI-compatible server (``GET /``) and streams from its
-``/v1/chat/completions``: no web framework beyond FastAPI/uvicorn is needed.
+import importlib.util
+import sys
+from pathlib import Path
 
-    python scripts/web_demo.py --model output/lora --port 8501
-    # then open http://127.0.0.1:8501/
-"""
+if importlib.util.find_spec("baichuan_finetune") is None:  # a source checkout without `pip install`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
 
-from baichuan_finetune.serve import build_arg_parser, exit_now, serve
-
-
-def main(argv=None) -> None:
-    parser = build_arg_parser(__doc__)
-    parser.set_defaults(port=8501)
-    serve(parser.parse_args(argv), banner="Web demo (open in a browser)", parser=parser)
-
+from baichuan_finetune.cli.web import main  # noqa: E402
+from baichuan_finetune.serve import exit_now  # noqa: E402
 
 if __name__ == "__main__":
     main()

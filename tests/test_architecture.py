@@ -10,9 +10,11 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fine-tune" / "baichuan_fine
 # Lowest first. A module may import modules of its own layer or of lower layers only.
 LAYERS = [
     # Self-contained: copied next to saved weights, so they may import nothing of the package but each other.
-    {"configuration_baichuan", "tokenization_baichuan", "modeling_baichuan"},
-    # quiet (library noise filters), launch_checks (fine-tune.py's checks before torch): stdlib only.
-    {"quiet", "launch_checks"},
+    # specs_baichuan: the model's facts (shapes, layer names, ids, position schemes), standard library only.
+    {"configuration_baichuan", "tokenization_baichuan", "modeling_baichuan", "specs_baichuan"},
+    # quiet (library noise filters), launch_checks (fine-tune.py's checks before torch), errors (the error
+    # kinds and their exit codes), json_files (the one "JSON object or why not" reader): stdlib only.
+    {"quiet", "launch_checks", "errors", "json_files"},
     {"losses", "quantize", "attention"},
     # Which files hold a directory's weights, each checked whole (no torch): preflight, saving, tools.
     {"weight_files"},
@@ -29,6 +31,8 @@ LAYERS = [
     {"generation"},
     {"chat_cli", "serve", "evaluate", "merge"},
     {"tiny"},
+    # The console command `baichuan-finetune` (the subpackage cli/, one node here): entry points only.
+    {"cli"},
 ]
 SELF_CONTAINED = LAYERS[0]
 
@@ -54,9 +58,29 @@ def package_imports(path: Path) -> set[str]:
     return found
 
 
+def subpackage_imports(path: Path) -> set[str]:
+    """Names of the package modules that a module of a subpackage (cli/) imports: ``from ..x``,
+    ``from .. import x`` or ``baichuan_finetune.x`` (``from .y``, the subpackage's own, is not counted)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level >= 2:
+            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("baichuan_finetune."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("baichuan_finetune.") and len(a.name.split(".")) > 1)
+    return found
+
+
 def module_graph() -> dict[str, set[str]]:
     modules = {p.stem: p for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__"}
-    return {name: package_imports(path) & set(modules) - {name} for name, path in modules.items()}
+    subpackages = {p.parent.name: p.parent for p in PACKAGE_DIR.glob("*/__init__.py")}
+    names = set(modules) | set(subpackages)
+    graph = {name: package_imports(path) & names - {name} for name, path in modules.items()}
+    for name, folder in subpackages.items():
+        graph[name] = set().union(*(subpackage_imports(f) for f in folder.rglob("*.py"))) & names - {name}
+    return graph
 
 
 def layer_of(name: str) -> int:
@@ -117,3 +141,5 @@ def test_the_checker_sees_real_imports():
     graph = module_graph()
     assert "tokenization_baichuan" in graph["encoding"]
     assert "preprocess" in graph["data_preview"]
+    assert "errors" in graph["arguments"]
+    assert "train" in graph["cli"]

@@ -54,7 +54,9 @@ def test_model_file_path_and_bad_data_exit_1(script, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--data_path", "", "--model_max_length", "64"], "error: --data_path: required"),
-    (["--data_path", "x.json", "--model_max_length", "1"], "error: --model_max_length 1: must be at least 2"),
+    (["--data_path", "x.json", "--model_max_length", "1"], "error: --model_max_length 1: must be at least 8"),
+    # Training's own limit and choices (arguments.py), not a looser copy.
+    (["--data_path", "x.json", "--model_max_length", "4"], "error: --model_max_length 4: must be at least 8"),
 ])
 def test_bad_flags_exit_2_with_one_line(script, tmp_path, capsys, flags, message):
     rc = script.main(flags + ["--tokenizer_path", str(TOKENIZER_DIR), "--data_cache_dir", str(tmp_path / "cache")])

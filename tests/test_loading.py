@@ -202,3 +202,33 @@ def test_load_model_refuses_custom_code_without_check_model_dir(tiny_model_dir, 
     with pytest.raises(ModelDirError, match="model_type"):
         load_model(model_dir)
     assert not (model_dir / "MARKER").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, '"num_attention_heads" 0: expected a whole number >= 1'),
+    ({"position_embedding": "xpos"}, '"position_embedding" "xpos": expected "rope" or "alibi"'),
+])
+def test_tools_and_training_check_a_model_directory_alike(tiny_model_dir, lora_dir, tmp_path, change, message):
+    # One check (preflight.check_model_dir): what training refuses, the tools refuse in the same words,
+    # for a model directory and for an adapter's base.
+    from baichuan_finetune.arguments import UsageError
+    from baichuan_finetune.loading import ModelDirError, check_model_dir
+    from baichuan_finetune.preflight import check_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UsageError) as training:
+        check_model(str(bad))
+    with pytest.raises(ModelDirError) as tools:
+        check_model_dir(bad)
+    assert str(tools.value) == str(training.value).replace("--model_name_or_path", "--model")
+    assert message in str(tools.value)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_dir, adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(bad)}))
+    with pytest.raises(ModelDirError, match=message.replace('"', '.')):
+        check_model_dir(adapter)
+    assert check_model_dir(tiny_model_dir) == "model" and check_model_dir(lora_dir) == "lora"

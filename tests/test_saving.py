@@ -15,7 +15,7 @@ from baichuan_finetune import saving
 from baichuan_finetune.configuration_baichuan import chat_generation_config
 
 PACKAGE_DIR = Path(baichuan_finetune.__file__).resolve().parent
-CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
+CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "specs_baichuan.py")
 
 
 # ----- checkpoints -----

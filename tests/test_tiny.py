@@ -17,7 +17,7 @@ def test_build_is_deterministic_and_complete(tmp_path, tiny_model_dir):
     assert digests(again) == digests(tiny_model_dir)
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
                  "generation_config.json", "modeling_baichuan.py", "configuration_baichuan.py",
-                 "tokenization_baichuan.py"):
+                 "tokenization_baichuan.py", "specs_baichuan.py"):
         assert (tiny_model_dir / name).is_file(), name
 
 

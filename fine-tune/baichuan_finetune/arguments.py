@@ -7,12 +7,14 @@ Each flag is checked once, here: a dataclass checks its own fields in ``__post_i
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,9 +23,12 @@ import transformers
 from transformers import HfArgumentParser
 
 from .attention import IMPLEMENTATIONS, check_available, check_model
-from .plan import ALL_LINEAR, PlanError, parse_lora_targets
+from .json_files import JSONObjectError, read_json_object
+from .plan import SHIPPED_CONFIG, PlanError, parse_lora_targets
+from .specs_baichuan import ALL_LINEAR
 from .quantize import check_qlora_available
 from . import quiet
+from .errors import UsageFault
 
 # Before transformers.TrainingArguments is first touched (below): it imports peft, which imports
 # bitsandbytes and its import-time warning. Every tool reaches this module (loading -> preflight).
@@ -32,8 +37,34 @@ quiet.install()
 PROG = "fine-tune.py"
 
 
-class UsageError(Exception):
+class UsageError(UsageFault):
     """A bad flag or an impossible combination: printed as one line, exit code 2."""
+
+
+# The choices of the options that take one of a few names, declared once: the flags offer them, `check_choice`
+# holds config files and code to them, and scripts/inspect_data.py offers and checks the same.
+CHOICES = {
+    "on_bad_record": ("error", "skip"),
+    "padding": ("longest", "max_length"),
+    "truncation": ("head", "rounds"),
+    "stage": ("sft", "dpo"),
+    "pref_loss": ("sigmoid", "ipo", "orpo", "simpo"),
+}
+# The shortest training row (a turn needs its role id, some text and the closing eos).
+MIN_MODEL_MAX_LENGTH = 8
+
+
+def check_choice(name: str, value: Any) -> None:
+    """`UsageError` when `value` is not one of ``CHOICES[name]`` (argparse checks flags; config files and code
+    come here)."""
+    if value not in CHOICES[name]:
+        raise UsageError(f"--{name} {value!r}: not one of {', '.join(CHOICES[name])}")
+
+
+def check_model_max_length(value: int) -> None:
+    """`UsageError` below `MIN_MODEL_MAX_LENGTH` (training and scripts/inspect_data.py)."""
+    if value < MIN_MODEL_MAX_LENGTH:
+        raise UsageError(f"--model_max_length {value}: must be at least {MIN_MODEL_MAX_LENGTH}")
 
 
 # ----- the option dataclasses -----
@@ -88,13 +119,13 @@ class DataArguments:
     on_bad_record: str = field(
         default="error",
         metadata={"help": "What to do with malformed records: stop with a list of them, or skip and count them.",
-                  "choices": ["error", "skip"]},
+                  "choices": list(CHOICES["on_bad_record"])},
     )
     padding: str = field(
         default="longest",
         metadata={"help": "'longest': pad each batch to its longest example (multiple of 8); "
                           "'max_length': pad to model_max_length as the official recipe.",
-                  "choices": ["longest", "max_length"]},
+                  "choices": list(CHOICES["padding"])},
     )
     packing: bool = field(
         default=False,
@@ -104,7 +135,7 @@ class DataArguments:
         default="head",
         metadata={"help": "Long examples: 'head' keeps the first model_max_length tokens (official); "
                           "'rounds' drops whole trailing rounds.",
-                  "choices": ["head", "rounds"]},
+                  "choices": list(CHOICES["truncation"])},
     )
     preprocessing_num_workers: Optional[int] = field(
         default=None, metadata={"help": "Tokenizing processes (default: one per CPU, at most 8)."}
@@ -119,11 +150,8 @@ class DataArguments:
         # argparse already enforces the choices on the command line; config files and code do not.
         if not self.data_path:
             raise UsageError("--data_path: required (a file, comma-separated files or a directory)")
-        for name, allowed in (("on_bad_record", ("error", "skip")), ("padding", ("longest", "max_length")),
-                              ("truncation", ("head", "rounds"))):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise UsageError(f"--{name} {value!r}: not one of {', '.join(allowed)}")
+        for name in ("on_bad_record", "padding", "truncation"):
+            check_choice(name, getattr(self, name))
         if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
             raise UsageError(f"--val_size {self.val_size}: must be a fraction in [0, 1) or a whole count >= 1")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
@@ -226,12 +254,12 @@ class TrainingArguments(transformers.TrainingArguments):
     stage: str = field(
         default="sft",
         metadata={"help": "'sft': supervised fine-tuning; 'dpo': preference tuning on chosen/rejected pairs "
-                          "(the loss is --pref_loss).", "choices": ["sft", "dpo"]},
+                          "(the loss is --pref_loss).", "choices": list(CHOICES["stage"])},
     )
     pref_loss: str = field(
         default="sigmoid",
         metadata={"help": "Preference loss of --stage dpo: sigmoid (DPO), ipo, orpo or simpo (the last two "
-                          "need no reference model).", "choices": ["sigmoid", "ipo", "orpo", "simpo"]},
+                          "need no reference model).", "choices": list(CHOICES["pref_loss"])},
     )
     pref_beta: float = field(
         default=0.1, metadata={"help": "beta of DPO/IPO/SimPO (IPO's tau), ORPO's lambda."}
@@ -266,8 +294,7 @@ class TrainingArguments(transformers.TrainingArguments):
         self.default_logging_steps = self.logging_steps is None
         if self.default_logging_steps:
             self.logging_steps = 0.1
-        if self.model_max_length < 8:
-            raise UsageError(f"--model_max_length {self.model_max_length}: must be at least 8")
+        check_model_max_length(self.model_max_length)
         if self.z_loss_weight is not None and not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
             raise UsageError(f"--z_loss_weight {self.z_loss_weight}: must be a finite number >= 0")
         if self.fp16 and self.use_cpu:
@@ -297,9 +324,8 @@ def _check_resume_ignore_mismatch(value: str) -> None:
 
 def _check_preference(t: "TrainingArguments") -> None:
     """The preference flags: values, and no preference flag without --stage dpo."""
-    for name, allowed in (("stage", ("sft", "dpo")), ("pref_loss", ("sigmoid", "ipo", "orpo", "simpo"))):
-        if getattr(t, name) not in allowed:
-            raise UsageError(f"--{name} {getattr(t, name)!r}: not one of {', '.join(allowed)}")
+    for name in ("stage", "pref_loss"):
+        check_choice(name, getattr(t, name))
     for name in ("pref_beta", "pref_ftx", "simpo_gamma", "label_smoothing"):
         if not math.isfinite(getattr(t, name)):
             raise UsageError(f"--{name} {getattr(t, name)}: must be a finite number")
@@ -331,6 +357,9 @@ class Arguments:
     data: DataArguments
     lora: LoraArguments
     training: TrainingArguments
+    # The options given (config file, then flags over it) that differ from the defaults: saved as the
+    # output's run_config.yaml, which repeats the run (`baichuan-finetune train out/run_config.yaml`).
+    resolved: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 # ----- parsing: flags or one config file -----
@@ -346,8 +375,44 @@ def _parser() -> _Parser:
 
 
 def is_config_file(argv: Sequence[str]) -> bool:
-    """Whether `argv` (without ``--local_rank``) is a single ``.yaml``/``.yml``/``.json`` file."""
-    return len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-")
+    """Whether `argv` (without ``--local_rank``) starts with a ``.yaml``/``.yml``/``.json`` file (flags may follow)."""
+    return (len(argv) >= 1 and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-")
+            and (len(argv) == 1 or argv[1].startswith("--")))
+
+
+def _plain(value: Any) -> Any:
+    """A parsed option value as YAML can write it (enums by their value, other objects as text)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _parse_with_config(parser: _Parser, config: dict[str, Any], source: str | None,
+                       flags: list[str]) -> tuple[list, dict[str, Any]]:
+    """The four dataclasses from `config`'s options overridden by `flags`, and the resolved options."""
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    given = set()  # the options the flags name (argparse also takes a flag's unambiguous prefix)
+    for flag in (f.split("=", 1)[0] for f in flags if f.startswith("--")):
+        action = parser._option_string_actions.get(flag) or next(
+            (a for s, a in parser._option_string_actions.items() if s.startswith(flag)), None)
+        if action is not None:
+            given.add(action.dest)
+    unknown = sorted(set(config) - set(actions))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(actions), n=1, cutoff=0.6)
+        raise UsageError(f"{source}: unknown option(s): {', '.join(unknown)}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+    for key, value in config.items():
+        actions[key].default = value
+        actions[key].required = False
+    namespace, _ = parser.parse_known_args(flags)  # unknown flags: parse_args_into_dataclasses says so
+    resolved = {dest: _plain(value) for dest, value in vars(namespace).items()
+                if dest != "local_rank" and (dest in config or dest in given)}
+    return parser.parse_args_into_dataclasses(args=flags), resolved
 
 
 def pop_local_rank(argv: Sequence[str]) -> tuple[list[str], int | None]:
@@ -407,7 +472,8 @@ def _default_distributed_env(uses_deepspeed: bool) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Arguments:
-    """Parse flags, or a single ``.yaml``/``.json`` config file, into the four dataclasses.
+    """Parse flags, or a ``.yaml``/``.json`` config file followed by flags that override it, into the four
+    dataclasses; the options given are kept as ``Arguments.resolved`` (the output's run_config.yaml).
 
     Raises `UsageError` (one line) on unknown flags, bad values and impossible combinations.
     On a machine without CUDA, ``--use_cpu True`` is the default.
@@ -420,29 +486,26 @@ def parse_args(argv: Sequence[str] | None = None) -> Arguments:
     quiet.install()  # again: a caller's warnings.catch_warnings (pytest's) may have reset the filters
     without_rank, local_rank = pop_local_rank(argv)
     try:
-        if is_config_file(without_rank):
-            config = load_config_file(without_rank[0])
-            if local_rank is not None:
-                config.setdefault("local_rank", local_rank)
-            if not cuda:
-                config.setdefault("use_cpu", True)
-            _default_distributed_env(bool(config.get("deepspeed")))
-            known = {f for dtype in parser.dataclass_types for f in dtype.__dataclass_fields__}
-            unknown = sorted(set(config) - known)
-            if unknown:
-                raise UsageError(f"{without_rank[0]}: unknown option(s): {', '.join(unknown)}")
-            parsed = parser.parse_dict(config)
-        else:
-            if not cuda and not any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in argv):
-                argv += ["--use_cpu", "True"]
-            _default_distributed_env(any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv))
-            parsed = parser.parse_args_into_dataclasses(args=argv)
+        config: dict[str, Any] = {}
+        source, flags = None, without_rank
+        if is_config_file(without_rank):  # a config file, then flags that override it
+            source, flags = without_rank[0], without_rank[1:]
+            config = {str(k).replace("-", "_"): v for k, v in load_config_file(source).items()}
+        if local_rank is not None and "local_rank" not in config:  # a config file's own local_rank wins
+            flags = flags + ["--local_rank", str(local_rank)]
+        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in flags if a.startswith("--")}
+        if not cuda and "use_cpu" not in config and "use_cpu" not in given:
+            flags = flags + ["--use_cpu", "True"]  # recorded in nothing: run_config.yaml stays portable
+        _default_distributed_env(bool(config.get("deepspeed")) or "deepspeed" in given)
+        parsed, resolved = _parse_with_config(parser, config, source, flags)
+        if "use_cpu" not in config and "use_cpu" not in given:
+            resolved.pop("use_cpu", None)
     except UsageError:
         raise
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         # transformers.TrainingArguments' own checks, and a config file's missing or mistyped options.
         raise UsageError(" ".join(str(e).split())) from None
-    args = Arguments(*parsed)
+    args = Arguments(*parsed, resolved=resolved)
     validate(args)
     return args
 
@@ -459,15 +522,9 @@ def deepspeed_config(training: TrainingArguments) -> dict | None:
     if isinstance(ds, dict):
         return ds
     try:
-        config = json.loads(Path(ds).read_text())
-    except OSError as e:
-        raise UsageError(f"--deepspeed {ds}: cannot read: {e.strerror or e}") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, pathological nesting
-        raise UsageError(f"--deepspeed {ds}: not valid JSON: {' '.join(str(e).split()) or 'nested too deeply'}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"--deepspeed {ds}: expected a JSON object of DeepSpeed options, not a JSON "
-                         f"{type(config).__name__}")
-    return config
+        return read_json_object(ds, of=" of DeepSpeed options")
+    except JSONObjectError as e:
+        raise UsageError(f"--deepspeed {ds}: {e.reason}") from None
 
 
 # The DeepSpeed batch options and the flags they must equal when given as numbers ("auto" takes the flags).
@@ -570,7 +627,7 @@ def validate(args: Arguments) -> None:
     zero = (deepspeed_config(t) or {}).get("zero_optimization", {}) or {}
     if lora.q_lora:
         if zero.get("stage") == 3:
-            raise UsageError("--q_lora True cannot shard 4-bit weights with ZeRO-3: use ds_config_zero2.json")
+            raise UsageError(f"--q_lora True cannot shard 4-bit weights with ZeRO-3: use {SHIPPED_CONFIG['zero2']}")
         try:
             check_qlora_available()
         except RuntimeError as err:

@@ -6,16 +6,19 @@ Self-contained: this file is copied next to saved weights so that
 
 from transformers import GenerationConfig, PretrainedConfig
 
-ROPE = "rope"
-ALIBI = "alibi"
+from .specs_baichuan import (ALIBI, ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, RELEASED, ROPE, USER_ID,
+                             position_embedding_of, shape_problem)
+
+__all__ = ["ALIBI", "ROPE", "BaichuanConfig", "CHAT_GENERATION_CONFIG", "chat_generation_config"]
+_DEFAULT = RELEASED["7b"]  # the defaults: Baichuan2-7B
 
 # The official Baichuan2 chat generation config (generation_config.json of Baichuan2-7B/13B-Chat).
 CHAT_GENERATION_CONFIG = dict(
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    user_token_id=195,
-    assistant_token_id=196,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    user_token_id=USER_ID,
+    assistant_token_id=ASSISTANT_ID,
     max_new_tokens=2048,
     temperature=0.3,
     top_k=5,
@@ -44,11 +47,11 @@ class BaichuanConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 125696,
-        hidden_size: int = 4096,
-        intermediate_size: int = 11008,
-        num_hidden_layers: int = 32,
-        num_attention_heads: int = 32,
+        vocab_size: int = _DEFAULT["vocab_size"],
+        hidden_size: int = _DEFAULT["hidden_size"],
+        intermediate_size: int = _DEFAULT["intermediate_size"],
+        num_hidden_layers: int = _DEFAULT["num_hidden_layers"],
+        num_attention_heads: int = _DEFAULT["num_attention_heads"],
         hidden_act: str = "silu",
         max_position_embeddings: int | None = None,
         model_max_length: int = 4096,
@@ -58,28 +61,19 @@ class BaichuanConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         z_loss_weight: float = 0.0,
         use_cache: bool = True,
-        pad_token_id: int = 0,
-        bos_token_id: int = 1,
-        eos_token_id: int = 2,
-        user_token_id: int = 195,
-        assistant_token_id: int = 196,
+        pad_token_id: int = PAD_ID,
+        bos_token_id: int = BOS_ID,
+        eos_token_id: int = EOS_ID,
+        user_token_id: int = USER_ID,
+        assistant_token_id: int = ASSISTANT_ID,
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
-        if position_embedding is None:
-            position_embedding = ROPE if max_position_embeddings is not None else ALIBI
-        if position_embedding not in (ROPE, ALIBI):
-            raise ValueError(f"position_embedding must be 'rope' or 'alibi', got {position_embedding!r}")
-        if hidden_size % num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
-            )
-        if position_embedding == ROPE and (hidden_size // num_attention_heads) % 2:
-            # RoPE rotates pairs of channels: with an odd head size the model would fail at its first step.
-            raise ValueError(
-                f"head size {hidden_size // num_attention_heads} (hidden_size {hidden_size} / num_attention_heads "
-                f"{num_attention_heads}) is odd; RoPE needs an even head size"
-            )
+        position_embedding = position_embedding_of(
+            {"position_embedding": position_embedding, "max_position_embeddings": max_position_embeddings})
+        problem = shape_problem(hidden_size, num_attention_heads, position_embedding)
+        if problem:
+            raise ValueError(problem)
         if hidden_act != "silu":
             raise ValueError(f"Baichuan2 uses hidden_act 'silu', got {hidden_act!r}")
         self.vocab_size = vocab_size

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from .json_files import JSONObjectError, read_json_object
 from .loading import chat_model, load_model
 from .tokenization_baichuan import encode_text
+from .errors import DataFault
 
 LETTERS = ("A", "B", "C", "D")
 DEFAULT_COLUMNS = {"question": "question", "A": "A", "B": "B", "C": "C", "D": "D", "answer": "answer"}
@@ -66,7 +68,7 @@ CMMLU_SUBJECTS_ZH = {
 }
 
 
-class EvalDataError(ValueError):
+class EvalDataError(ValueError, DataFault):
     """A question file that cannot be evaluated (bad answer, missing column, unreadable); one line."""
 
 
@@ -325,11 +327,9 @@ def subject_names(task_dir: Path, style: str) -> dict[str, str]:
     if not mapping.exists():
         return dict(CMMLU_SUBJECTS_ZH) if style == "zh" else {}
     try:
-        data = json.loads(mapping.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalDataError(f"{mapping}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise EvalDataError(f"{mapping}: expected a JSON object of subject -> name, found {type(data).__name__}")
+        data = read_json_object(mapping, of=" of subject -> name", encoding="utf-8-sig")
+    except JSONObjectError as e:
+        raise EvalDataError(f"{mapping}: unreadable ({type(e.cause).__name__}: {e.cause})" if e.cause else str(e)) from None
     names = {}
     for subject, value in data.items():
         if isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) for v in value[:2]):

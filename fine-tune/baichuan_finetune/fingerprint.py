@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 
+from .json_files import JSONObjectError, read_json_object
+from .specs_baichuan import position_embedding_of
 from .weight_files import INDEX_SUFFIX, WeightFilesError, index_weight_map, weights_entry
+from .errors import UsageFault
 
 logger = logging.getLogger("baichuan_finetune")
 
@@ -38,18 +41,15 @@ ROWS = 16
 RELATIVE_TOLERANCE = 1e-3
 
 
-class FingerprintError(ValueError):
+class FingerprintError(ValueError, UsageFault):
     """A base whose fingerprint cannot be computed, or a fingerprint file that cannot be read."""
 
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FingerprintError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if not isinstance(data, dict):
-        raise FingerprintError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+        return read_json_object(path)
+    except JSONObjectError as e:
+        raise FingerprintError(f"{path}: unreadable ({e.reason})" if e.cause else str(e)) from None
 
 
 def architecture(config: dict) -> dict:
@@ -60,7 +60,7 @@ def architecture(config: dict) -> dict:
     """
     out = {name: config.get(name) for name in ARCHITECTURE_FIELDS}
     if out["position_embedding"] is None and config.get("model_type") == "baichuan":
-        out["position_embedding"] = "rope" if config.get("max_position_embeddings") is not None else "alibi"
+        out["position_embedding"] = position_embedding_of(config)
     return out
 
 

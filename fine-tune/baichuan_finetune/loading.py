@@ -20,7 +20,6 @@ line by `check_model_dir` and by `load_model` itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -29,23 +28,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import baichuan_finetune  # noqa: F401  (registers our Auto classes)
 
+from . import json_files
 from .attention import check_available, kernel_name
 from .configuration_baichuan import chat_generation_config
+from .plan import PRECISIONS
+from .arguments import UsageError
+from .preflight import check_model_dir as check_model_files
 from .preflight import foreign_code
-from .weight_files import ADAPTER_WEIGHT_FILES, MODEL_WEIGHT_FILES, WeightFilesError, check_weights
+from .weight_files import ADAPTER_WEIGHT_FILES, WeightFilesError, check_weights
+from .errors import UsageFault
 
 ADAPTER_CONFIG = "adapter_config.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 # The one list of --dtype choices of every tool; "auto" keeps the dtype the weights are stored in.
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": "auto", **{name: getattr(torch, name) for name, _ in PRECISIONS.values()}}
 QUANTIZATION_BITS = (8, 4)
 
 
 # ----- validation before loading: one line naming the file, never a traceback from deep in a loader -----
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ValueError, UsageFault):
     """A directory a tool cannot load; the message is one line naming the flag or file."""
 
 
@@ -58,12 +62,9 @@ def one_line(error: BaseException) -> str:
 def read_json_object(path: Path) -> dict:
     """A JSON object from `path`, or `ModelDirError` naming the file."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"{path}: not valid JSON ({one_line(e)})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+        return json_files.read_json_object(path)
+    except json_files.JSONObjectError as e:
+        raise ModelDirError(str(e)) from None
 
 
 def resolve_base_dir(name_or_path: str, adapter_dir: Path) -> Path:
@@ -123,12 +124,12 @@ def check_own_code(model_dir: str | Path) -> None:
         _check_code(model_dir)
 
 
-def _check_full_model(model_dir: Path) -> None:
-    config = read_json_object(model_dir / "config.json")
-    if not isinstance(config.get("model_type"), str):
-        raise ModelDirError(f"{model_dir / 'config.json'}: no model_type")
-    _check_code(model_dir)
-    _check_weights(model_dir, MODEL_WEIGHT_FILES, "model")
+def _check_full_model(model_dir: Path, flag: str, tokenizer: bool) -> None:
+    """`preflight.check_model_dir` (training's check: config, our code only, tokenizer, weights) as `ModelDirError`."""
+    try:
+        check_model_files(model_dir, flag=flag, tokenizer=tokenizer)
+    except UsageError as e:
+        raise ModelDirError(str(e)) from None
 
 
 def check_model_dir(path: str | os.PathLike, flag: str = "--model") -> str:
@@ -150,15 +151,13 @@ def check_model_dir(path: str | os.PathLike, flag: str = "--model") -> str:
             raise ModelDirError(f"{model_dir / ADAPTER_CONFIG}: its base model {base_dir} is itself an adapter")
         if not (base_dir / "config.json").is_file():
             raise ModelDirError(f"{model_dir / ADAPTER_CONFIG}: its base model {base_dir} has no config.json")
-        _check_full_model(base_dir)
+        _check_full_model(base_dir, flag, tokenizer=False)
         _check_code(base_dir, tokenizer_dir=model_dir)
         if not (model_dir / TOKENIZER_FILE).is_file() and not (base_dir / TOKENIZER_FILE).is_file():
             raise ModelDirError(f"{flag} {path}: no {TOKENIZER_FILE} here nor in its base model {base_dir}")
         return "lora"
     if (model_dir / "config.json").is_file():
-        _check_full_model(model_dir)
-        if not (model_dir / TOKENIZER_FILE).is_file():
-            raise ModelDirError(f"{flag} {path}: no {TOKENIZER_FILE} (the tokenizer)")
+        _check_full_model(model_dir, flag, tokenizer=True)
         return "model"
     raise ModelDirError(f"{flag} {path}: neither {ADAPTER_CONFIG} (LoRA adapter) nor config.json (model) found")
 
@@ -194,7 +193,7 @@ def model_kind(model_dir: str | Path) -> str:
 
 def adapter_base_dir(adapter_dir: str | Path) -> str:
     """``base_model_name_or_path`` of a LoRA adapter directory."""
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = read_json_object(Path(adapter_dir) / ADAPTER_CONFIG)
     base = config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG} has no base_model_name_or_path")

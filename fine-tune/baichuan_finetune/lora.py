@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .arguments import LoraArguments, UsageError
-from .modeling_baichuan import LINEAR_LAYER_NAMES
-from .plan import ALL_LINEAR
+from .specs_baichuan import ALL_LINEAR, LINEAR_LAYER_NAMES
 
 
 def check_targets(model, targets: str | list[str]) -> None:

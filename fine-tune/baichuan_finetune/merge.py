@@ -24,12 +24,13 @@ from typing import Callable
 from . import fingerprint
 from .loading import ADAPTER_CONFIG, ModelDirError, check_model_dir, load_model, read_adapter_config, resolve_base_dir
 from .saving import finish_output_dir
+from .errors import UsageFault
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
-class MergeError(ValueError):
+class MergeError(ValueError, UsageFault):
     """A merge refused before any model is loaded; one line naming the path, flag or difference."""
 
 

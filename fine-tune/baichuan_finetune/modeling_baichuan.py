@@ -37,13 +37,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_baichuan import ROPE, BaichuanConfig
+from .configuration_baichuan import BaichuanConfig
+from .specs_baichuan import LINEAR_LAYER_NAMES, ROPE  # LINEAR_LAYER_NAMES: LoRA targets, what quantize() replaces
 from .tokenization_baichuan import build_chat_input
 
 # Label of a token that is not trained on (the PyTorch cross-entropy convention).
 IGNORE_INDEX = -100
-# The linear layers of each decoder layer: LoRA targets and what quantize() replaces.
-LINEAR_LAYER_NAMES = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Tokens per chunk of the fallback loss: the [chunk, vocab] float32 logits are the largest tensor alive.
 LOSS_CHUNK_SIZE = 256
 

@@ -7,6 +7,8 @@ Every field of ``/v1/chat/completions`` and ``/v1/completions`` is either honour
 import json
 from dataclasses import dataclass
 
+from .errors import UsageFault
+
 ROLES = ("system", "user", "assistant")
 # A chat request nests about 5 levels (body, messages, message, content parts, part). Deeper bodies
 # are refused before anything walks them recursively (a repr in an error message would raise
@@ -14,7 +16,7 @@ ROLES = ("system", "user", "assistant")
 MAX_JSON_DEPTH = 64
 
 
-class RequestError(ValueError):
+class RequestError(ValueError, UsageFault):
     """A bad request: 400 in OpenAI's error shape, naming the field (``param``)."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):

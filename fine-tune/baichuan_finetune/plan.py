@@ -24,18 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .errors import UsageFault
+from .json_files import JSONObjectError, read_json_object
+from .specs_baichuan import ALIBI, ALL_LINEAR, LINEAR_LAYER_NAMES, RELEASED, ROPE, position_embedding_of, shape_problem
 
-# The released configurations (config.json of Baichuan2-7B/13B-Base), so that "7b"/"13b" need no download.
-RELEASED = {
-    "7b": dict(vocab_size=125696, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, position_embedding="rope"),
-    "13b": dict(vocab_size=125696, hidden_size=5120, intermediate_size=13696, num_hidden_layers=40,
-                num_attention_heads=40, position_embedding="alibi"),
-}
-LINEAR_LAYER_NAMES = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
+GIB = 1024**3
+# The shipped DeepSpeed configs as package data: copies of the repository's root ds_config*.json (the official
+# command line's), which tests/test_plan.py checks equal.
+CONFIG_DIR = Path(__file__).with_name("assets")
+
 # Names users bring from other model families, and Baichuan2's module that plays their part: its
 # attention projects q, k and v with one fused W_pack, so q_proj/k_proj/v_proj have no module of their own.
 OTHER_MODEL_NAMES = {"q_proj": "W_pack", "k_proj": "W_pack", "v_proj": "W_pack", "qkv_proj": "W_pack",
@@ -59,6 +56,16 @@ OPTION_TITLES = {
 }
 SHORT_TITLES = {"zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload_optimizer": "Z3+opt offload",
                 "zero3_offload_all": "Z3+all offload"}
+# The one dtype map: each training precision (the flag that selects it: --bf16, --fp16, neither), its torch
+# dtype's name and bytes per value. This planner, train.torch_dtype and loading.DTYPES (the tools' --dtype) read it.
+PRECISIONS = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
+
+
+def precision_of(training) -> str:
+    """The `PRECISIONS` name of a run's training arguments (``bf16``/``fp16`` flags; fp32 otherwise)."""
+    return "bf16" if training.bf16 else "fp16" if training.fp16 else "fp32"
+
+
 # Shipped configs each option starts from (the optimizer-offload one is ds_config.json + offload_optimizer).
 SHIPPED_CONFIG = {
     "zero2": "ds_config_zero2.json",
@@ -95,7 +102,7 @@ SAFETY_MARGIN = 0.10
 CPU_PER_RANK_BYTES = int(4 * GIB)
 
 
-class PlanError(ValueError):
+class PlanError(ValueError, UsageFault):
     """A bad planner input: printed as one line, exit code 2."""
 
 
@@ -111,12 +118,12 @@ class ModelShape:
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    position_embedding: str = "rope"
+    position_embedding: str = ROPE
     name: str = ""
 
     @property
     def alibi(self) -> bool:
-        return self.position_embedding == "alibi"
+        return self.position_embedding == ALIBI
 
     @property
     def layer_params(self) -> int:
@@ -142,16 +149,9 @@ class ModelShape:
         where = self.name or "config.json"
         for key in DIMENSIONS:
             _check_dimension(where, key, getattr(self, key))
-        if self.position_embedding not in ("rope", "alibi"):
-            raise PlanError(f'{where}: "position_embedding" {json.dumps(self.position_embedding)}: '
-                            'expected "rope" or "alibi"')
-        h, heads = self.hidden_size, self.num_attention_heads
-        if h % heads:
-            raise PlanError(f'{where}: "hidden_size" {h} is not a multiple of "num_attention_heads" {heads}')
-        if self.position_embedding == "rope" and (h // heads) % 2:
-            # RoPE rotates pairs of channels: an odd head size has no pairing (the model fails at its first step).
-            raise PlanError(f'{where}: head size {h // heads} (hidden_size {h} / num_attention_heads {heads}) '
-                            "is odd; RoPE needs an even head size")
+        problem = shape_problem(self.hidden_size, self.num_attention_heads, self.position_embedding)
+        if problem:
+            raise PlanError(f"{where}: {problem}")
 
     @classmethod
     def from_config(cls, config: dict, name: str = "") -> "ModelShape":
@@ -162,8 +162,7 @@ class ModelShape:
             if key not in config:
                 raise PlanError(f"{where}: config.json has no {key}")
             values.append(_check_dimension(where, key, config[key]))
-        pe = config.get("position_embedding") or ("rope" if config.get("max_position_embeddings") else "alibi")
-        return cls(*values, pe, name)
+        return cls(*values, position_embedding_of(config), name)
 
 
 DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -190,11 +189,9 @@ def load_shape(model: str) -> ModelShape:
     if not config_file.is_file():
         raise PlanError(f"--model {model}: no config.json in that directory")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise PlanError(f"--model {model}: cannot read {config_file.name}: {e}") from None
-    if not isinstance(config, dict):
-        raise PlanError(f"--model {model}: {config_file.name} is not a JSON object")
+        config = read_json_object(config_file)
+    except JSONObjectError as e:
+        raise PlanError(f"--model {model}: {config_file.name}: {e.reason}") from None
     return ModelShape.from_config(config, name=str(path))
 
 
@@ -299,8 +296,8 @@ class Setup:
         self.lora_targets = lora_targets(self.lora_targets)
         if self.method != "full":
             check_lora_rank(self.shape, self.lora_r, self.lora_targets)
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise PlanError(f"--precision {self.precision}: not bf16, fp16 or fp32")
+        if self.precision not in PRECISIONS:
+            raise PlanError(f"--precision {self.precision}: not {', '.join(PRECISIONS)}")
         if self.device not in ("cuda", "cpu"):
             raise PlanError(f"--device {self.device}: not cuda or cpu")
         if self.device == "cpu":
@@ -312,7 +309,7 @@ class Setup:
 
     @property
     def dtype_bytes(self) -> int:
-        return 4 if self.precision == "fp32" else 2
+        return PRECISIONS[self.precision][1]
 
     @property
     def tokens(self) -> int:
@@ -327,19 +324,23 @@ class Setup:
 
 def ds_config(option: str, overrides: dict | None = None) -> dict:
     """The DeepSpeed config of `option`: the shipped file (``auto`` kept: the HF integration fills it)."""
-    path = REPO_ROOT / SHIPPED_CONFIG[option]
+    path = CONFIG_DIR / SHIPPED_CONFIG[option]
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = read_json_object(path)
+    except JSONObjectError:
         config = {"zero_optimization": {"stage": 3 if option != "zero2" else 2}}
     zero = config.setdefault("zero_optimization", {})
     if option == "zero3_offload_optimizer":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        config["optimizer"] = copy.deepcopy(json.loads((REPO_ROOT / SHIPPED_CONFIG["zero3_offload_all"]).read_text())
-                                            .get("optimizer", {})) if (REPO_ROOT / SHIPPED_CONFIG["zero3_offload_all"]).is_file() else {}
+        try:  # the CPU Adam of the offload config
+            optimizer = read_json_object(CONFIG_DIR / SHIPPED_CONFIG["zero3_offload_all"]).get("optimizer")
+        except JSONObjectError:
+            optimizer = None
         zero.pop("offload_param", None)
-        if not config["optimizer"]:
-            config.pop("optimizer")
+        if optimizer:
+            config["optimizer"] = copy.deepcopy(optimizer)
+        else:
+            config.pop("optimizer", None)
     for key, value in (overrides or {}).items():
         zero[key] = value
     return config
@@ -590,7 +591,7 @@ def _levers(s: Setup, estimates: dict[str, Estimate]) -> list[str]:
         out.append("--use_lora True" + ckpt_flags + outcome(method="lora", **lora, **ckpt))
     if s.method != "qlora":
         # QLoRA: the frozen base in 4-bit NF4 (0.56 bytes per weight); ZeRO-2 only, a CUDA GPU with bitsandbytes.
-        out.append("--use_lora True --q_lora True" + ckpt_flags + " with ds_config_zero2.json"
+        out.append("--use_lora True --q_lora True" + ckpt_flags + f" with {SHIPPED_CONFIG['zero2']}"
                    + outcome(method="qlora", **lora, **ckpt))
     for extra in (2, 4):
         trial = outcome(nodes=s.nodes * extra, **ckpt)
@@ -730,7 +731,7 @@ def launch_setup(model_path: str, training, lora, data, ds: dict | None) -> Setu
             seq_len=training.model_max_length, micro_batch=training.per_device_train_batch_size,
             packing=bool(getattr(data, "packing", False)),
             checkpointing=bool(getattr(training, "gradient_checkpointing", False)),
-            precision="bf16" if training.bf16 else "fp16" if training.fp16 else "fp32",
+            precision=precision_of(training),
             device="cpu" if cpu else "cuda", ds_overrides={k: v for k, v in zero.items() if not isinstance(v, dict)},
         )
     except PlanError:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import Arguments, UsageError
+from .json_files import JSONObjectError, read_json_object
 from .plan import ModelShape, PlanError, check_lora_rank, lora_targets
+from .specs_baichuan import POSITION_EMBEDDINGS, ROPE, position_embedding_of
 from .weight_files import WeightFilesError, check_weights
 
 MODEL_FLAG = "--model_name_or_path"
@@ -175,16 +177,21 @@ def check_model(name_or_path: str, cache_dir: str | None = None) -> dict[str, An
     return _read_config(Path(config_file))
 
 
-def check_model_dir(directory: Path) -> dict[str, Any]:
-    """config.json, tokenizer.model and the weights of a local model directory; returns the config."""
+def check_model_dir(directory: Path, flag: str = MODEL_FLAG, tokenizer: bool = True) -> dict[str, Any]:
+    """config.json (our model code only), tokenizer.model and the weights of a local model directory;
+    returns the config. The one check of a model directory: training (`check_model`) and the tools
+    (`loading.check_model_dir`, which adds adapters; `tokenizer=False` for an adapter's base, whose
+    tokenizer may be the adapter's) use it. `UsageError` naming `flag` or the file."""
+    directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise UsageError(f"{MODEL_FLAG} {directory}: no config.json (not a model directory)")
+        raise UsageError(f"{flag} {directory}: no config.json (not a model directory)")
     config = _read_config(config_file)
-    tokenizer = directory / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise UsageError(f"{MODEL_FLAG} {directory}: no tokenizer.model (the Baichuan2 sentencepiece tokenizer)")
-    _check_tokenizer(tokenizer)
+    if tokenizer:
+        tokenizer_file = directory / "tokenizer.model"
+        if not tokenizer_file.is_file():
+            raise UsageError(f"{flag} {directory}: no tokenizer.model (the Baichuan2 sentencepiece tokenizer)")
+        _check_tokenizer(tokenizer_file)
     try:
         check_weights(directory)  # in transformers' order of preference: the kind that will be loaded
     except WeightFilesError as e:
@@ -194,13 +201,9 @@ def check_model_dir(directory: Path) -> dict[str, Any]:
 
 def _read_config(config_file: Path) -> dict[str, Any]:
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"{config_file}: cannot read: {e.strerror or e}") from None
-    except (ValueError, RecursionError) as e:
-        raise UsageError(f"{config_file}: not valid JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{config_file}: expected a JSON object of model settings")
+        config = read_json_object(config_file, of=" of model settings")
+    except JSONObjectError as e:
+        raise UsageError(str(e)) from None
     problem = foreign_code(config, _optional_json(config_file.parent / "tokenizer_config.json"))
     if problem:
         raise UsageError(f"{config_file}: {problem}")
@@ -208,7 +211,7 @@ def _read_config(config_file: Path) -> dict[str, Any]:
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{config_file}: \"{key}\" {json.dumps(value)}: expected a whole number >= 1")
-    if config.get("position_embedding") not in (None, "rope", "alibi"):
+    if config.get("position_embedding") not in (None, *POSITION_EMBEDDINGS):
         raise UsageError(f"{config_file}: \"position_embedding\" {json.dumps(config['position_embedding'])}: "
                          "expected \"rope\" or \"alibi\"")
     return config
@@ -217,10 +220,9 @@ def _read_config(config_file: Path) -> dict[str, Any]:
 def _optional_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or {} when it is missing or unreadable (its own check reports that)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        return read_json_object(path)
+    except JSONObjectError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -239,8 +241,7 @@ def _check_tokenizer(path: Path) -> None:
 def check_model_max_length(config: dict[str, Any], model_max_length: int, allowed: bool, model: str) -> None:
     """A RoPE model was trained on `max_position_embeddings` positions: longer rows need permission."""
     positions = config.get("max_position_embeddings")
-    scheme = config.get("position_embedding") or ("rope" if positions is not None else "alibi")
-    if scheme != "rope" or not isinstance(positions, int) or model_max_length <= positions or allowed:
+    if position_embedding_of(config) != ROPE or not isinstance(positions, int) or model_max_length <= positions or allowed:
         return
     raise UsageError(
         f"--model_max_length {model_max_length}: beyond the {positions} positions {model} was trained on "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .tokenization_baichuan import ASSISTANT, USER
+from .errors import DataFault
 
 # Role names accepted in ShareGPT-style messages, mapped to ours. "system" is handled apart.
 _SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
@@ -43,7 +44,7 @@ DEEP_NESTING = 500
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class DataError(ValueError):
+class DataError(ValueError, DataFault):
     """Bad training data: the message lists the problems (file, record, field)."""
 
     def __init__(self, message: str, problems: list[str] | None = None):

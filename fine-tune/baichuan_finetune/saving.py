@@ -60,6 +60,7 @@ from . import checkpoint_trust
 from .arguments import UsageError
 from .configuration_baichuan import chat_generation_config
 from .weight_files import weights_file_problem
+from .errors import RunFault
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ CHECKPOINT_PREFIX = "checkpoint"
 COMPLETE_MARKER = "checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
-MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
+# The self-contained model code (specs_baichuan: the facts the other three import relatively).
+MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "specs_baichuan.py")
 # What config.json needs so that AutoConfig/AutoModelForCausalLM find MODEL_CODE_FILES.
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
@@ -79,7 +81,7 @@ DEFAULT_MODEL_MAX_LENGTH = 4096  # BaichuanConfig's default, for a config.json w
 # ----- runtime faults -----
 
 
-class RunError(RuntimeError):
+class RunError(RuntimeError, RunFault):
     """A runtime fault of the run (not of its flags or data): printed as one line, exit code 1."""
 
 

@@ -15,10 +15,14 @@ import torch
 
 from .configuration_baichuan import BaichuanConfig, chat_generation_config
 from .modeling_baichuan import BaichuanForCausalLM
+from .specs_baichuan import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, ROPE, USER_ID
 from .tokenization_baichuan import BaichuanTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / "data"
+# The corpus of the default tokenizer: the source checkout's data/ (only there: an installed package has no
+# data/), and the tokenizer trained on it, shipped as package data and used when no data_dir is given.
+# tests/test_tiny.py checks that the shipped file is what train_tokenizer(DEFAULT_DATA_DIR) builds today.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+PREBUILT_TOKENIZER = Path(__file__).with_name("assets") / "tiny_tokenizer.model"
 # The default tokenizer is trained on the supervised example data only: other files in data/ (the
 # preference pairs) must not change the embedded model whose quickstart answers are checked.
 DEFAULT_CORPUS = ("quickstart.json", "examples")
@@ -90,9 +94,9 @@ def train_tokenizer(data_dir: Path, vocab_size: int = 4096) -> bytes:
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
+        unk_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
         pad_id=-1,
         user_defined_symbols=_user_defined_symbols(),
         num_threads=1,
@@ -103,9 +107,9 @@ def train_tokenizer(data_dir: Path, vocab_size: int = 4096) -> bytes:
 
 def make_tiny_model(
     output_dir: str | Path,
-    position_embedding: str = "rope",
+    position_embedding: str = ROPE,
     tokenizer_model: str | Path | None = None,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
+    data_dir: str | Path | None = None,
     hidden_size: int = 128,
     intermediate_size: int = 344,
     num_hidden_layers: int = 2,
@@ -120,14 +124,16 @@ def make_tiny_model(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if tokenizer_model is None:
+        if tokenizer_model is None and data_dir is None:
+            sp_file = PREBUILT_TOKENIZER  # = train_tokenizer(DEFAULT_DATA_DIR), without the repository
+        elif tokenizer_model is None:
             sp_file = Path(tmp) / "tokenizer.model"
             sp_file.write_bytes(train_tokenizer(Path(data_dir)))
         else:
             sp_file = Path(tokenizer_model)
         tokenizer = BaichuanTokenizer(vocab_file=str(sp_file), model_max_length=model_max_length)
         tokenizer.save_pretrained(output_dir)
-    for role_id, piece in ((195, "<reserved_106>"), (196, "<reserved_107>")):
+    for role_id, piece in ((USER_ID, "<reserved_106>"), (ASSISTANT_ID, "<reserved_107>")):
         if tokenizer.sp_model.id_to_piece(role_id) != piece:
             raise ValueError(f"{sp_file}: id {role_id} is not {piece}; not a Baichuan2 id layout")
 
@@ -137,7 +143,7 @@ def make_tiny_model(
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
-        max_position_embeddings=model_max_length if position_embedding == "rope" else None,
+        max_position_embeddings=model_max_length if position_embedding == ROPE else None,
         model_max_length=model_max_length,
         position_embedding=position_embedding,
         architectures=["BaichuanForCausalLM"],

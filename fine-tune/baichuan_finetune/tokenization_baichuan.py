@@ -15,20 +15,16 @@ from typing import Any
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
+from .specs_baichuan import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, USER_ID
+
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 
-# ----- the chat format: the one owner of role ids, turn layout and safe text encoding -----
+# ----- the chat format: the one owner of turn layout and safe text encoding -----
 #
-# A conversation is: optional system text (no role token), then each turn as its role token followed
-# by its text, ``[195] + ids(user text)`` and ``[196] + ids(assistant text)``; a prompt that asks for a
-# reply ends with ``196``. Training adds one closing eos (2). ``ids(text)`` never contains a role or
-# control id (see ``PlainTextEncoder``), so no text can forge a turn boundary.
+# The ids (pad, bos, eos, user 195, assistant 196) are specs_baichuan's; the layout is described there.
+# ``ids(text)`` never contains a role or control id (see ``PlainTextEncoder``), so no text can forge a
+# turn boundary.
 
-PAD_ID = 0  # also unk: the official tokenizer pads with <unk>
-BOS_ID = 1
-EOS_ID = 2
-USER_ID = 195  # the piece <reserved_106>
-ASSISTANT_ID = 196  # the piece <reserved_107>
 # Ids that text must never produce inside a turn: unk, bos, eos and the user/assistant role tokens.
 CONTROL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID})
 USER = "user"

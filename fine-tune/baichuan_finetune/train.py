@@ -31,6 +31,7 @@ from .records import DataError
 from .losses import training_objective
 from .trainer import BaichuanTrainer, plot_loss_curve
 from . import launch_checks, quiet
+from .errors import exit_code
 
 logger = logging.getLogger("baichuan_finetune")
 
@@ -87,7 +88,7 @@ def training_method(lora: LoraArguments) -> TrainingMethod:
 
 
 def torch_dtype(training: TrainingArguments) -> torch.dtype:
-    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    return getattr(torch, memory_plan.PRECISIONS[memory_plan.precision_of(training)][0])
 
 
 def base_model_path(model_args: ModelArguments) -> str:
@@ -265,12 +266,28 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
         plot_loss_curve(trainer.state.log_history, t.output_dir)
         # Counted since this process started (a resumed run counts only its own steps).
         (Path(t.output_dir) / "throughput.json").write_text(json.dumps(throughput, indent=2) + "\n")
+        write_run_config(args, t.output_dir)
         logger.info("Throughput: %.1f tokens/s, %.1f supervised tokens/s, %.1f%% real tokens per batch slot",
                     throughput["tokens_per_second"], throughput["supervised_tokens_per_second"],
                     100 * throughput["real_token_share"])
         logger.info("Saved %s to %s", method.what, t.output_dir)
     _barrier()
     return trainer
+
+
+RUN_CONFIG = "run_config.yaml"
+
+
+def write_run_config(args: Arguments, output_dir: str | Path) -> Path:
+    """The run's options (config file and flags, resolved) as ``run_config.yaml`` in `output_dir`:
+    ``baichuan-finetune train <output_dir>/run_config.yaml`` (or fine-tune.py) repeats the run."""
+    import yaml
+
+    path = Path(output_dir) / RUN_CONFIG
+    header = "# The options of the run that wrote this directory; repeat it with:\n" \
+             f"#   baichuan-finetune train {path}   (or: python fine-tune/fine-tune.py {path})\n"
+    path.write_text(header + yaml.safe_dump(args.resolved, sort_keys=True, allow_unicode=True))
+    return path
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -291,15 +308,15 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     except UsageError as e:
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return exit_code(e)
     except DataError as e:
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(f"{PROG}: data error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return exit_code(e)
     except saving.RunError as e:  # diverged, disk full, output_dir in use
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return exit_code(e)
     except preemption.Preempted as e:  # SIGTERM/SIGINT: the checkpoint (if any) is complete
         if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0:
             print(e.message, file=sys.stderr, flush=True)

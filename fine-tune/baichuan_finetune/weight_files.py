@@ -15,6 +15,9 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+from .errors import DataFault
+from .json_files import JSONObjectError, read_json_object
+
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -22,7 +25,7 @@ INDEX_SUFFIX = ".index.json"
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
 
 
-class WeightFilesError(ValueError):
+class WeightFilesError(ValueError, DataFault):
     """Weights a directory cannot load; the message is one line naming the file."""
 
 
@@ -37,8 +40,8 @@ def weights_entry(directory: Path, names: Sequence[str] = MODEL_WEIGHT_FILES, wh
 def index_weight_map(index: Path) -> dict[str, str]:
     """Tensor name -> shard file name of a shard index; every shard must be a file beside it."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        weight_map = read_json_object(index).get("weight_map")
+    except JSONObjectError:
         weight_map = None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightFilesError(f"{index}: not a weight index (expected a JSON object with a \"weight_map\")")
