@@ -50,7 +50,7 @@ def packed_segments(seq: int) -> torch.Tensor:
 
 def old_bias(segments, seq, dtype, slopes):
     """The former attention_bias for ALiBi: slope rounded to the compute dtype first, all heads at once."""
-    from baichuan_finetune.modeling_baichuan import attention_bias
+    from baichuan_finetune.model.modeling_baichuan import attention_bias
 
     allowed = attention_bias(segments, seq, seq, dtype, torch.device("cpu"), None)[:, 0]
     k_idx = torch.arange(seq)
@@ -60,7 +60,7 @@ def old_bias(segments, seq, dtype, slopes):
 
 
 def run_mode(mode: str, seq: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
-    from baichuan_finetune.modeling_baichuan import alibi_slopes, attention_bias
+    from baichuan_finetune.model.modeling_baichuan import alibi_slopes, attention_bias
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=dtype).requires_grad_() for _ in range(3))

@@ -38,11 +38,11 @@ SHARED = REPO_ROOT.parent / "shared"
 TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
 DATA = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
 
-from baichuan_finetune.attention import IMPLEMENTATIONS, check_available, check_model, kernel_name  # noqa: E402
-from baichuan_finetune.configuration_baichuan import BaichuanConfig  # noqa: E402
-from baichuan_finetune.losses import CausalLMLoss  # noqa: E402
-from baichuan_finetune.modeling_baichuan import IGNORE_INDEX, BaichuanForCausalLM  # noqa: E402
-from baichuan_finetune.specs_baichuan import RELEASED, VOCAB_SIZE  # noqa: E402
+from baichuan_finetune.objectives.attention import IMPLEMENTATIONS, check_available, check_model, kernel_name  # noqa: E402
+from baichuan_finetune.model.configuration_baichuan import BaichuanConfig  # noqa: E402
+from baichuan_finetune.objectives.losses import CausalLMLoss  # noqa: E402
+from baichuan_finetune.model.modeling_baichuan import IGNORE_INDEX, BaichuanForCausalLM  # noqa: E402
+from baichuan_finetune.model.specs_baichuan import RELEASED, VOCAB_SIZE  # noqa: E402
 
 KERNELS = [name for name in IMPLEMENTATIONS if name != "eager"]
 # The released models' widths (every dimension but the layer count, which is --layers).

@@ -23,8 +23,8 @@ def rss_bytes() -> int:
 
 
 def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
-    from baichuan_finetune.losses import CausalLMLoss
-    from baichuan_finetune.modeling_baichuan import NormHead
+    from baichuan_finetune.objectives.losses import CausalLMLoss
+    from baichuan_finetune.model.modeling_baichuan import NormHead
 
     torch.manual_seed(0)
     head = NormHead(hidden, vocab)
@@ -54,7 +54,7 @@ def head_speed(seq: int, vocab: int, hidden: int, shares: list[float], repeats: 
     NormHeadLoss over every token, interleaved, best of ``repeats``."""
     import time
 
-    from baichuan_finetune.losses import CausalLMLoss, NormHeadLoss
+    from baichuan_finetune.objectives.losses import CausalLMLoss, NormHeadLoss
 
     print(f"head loss over {seq} tokens, hidden {hidden}, vocab {vocab}, float32, CPU "
           f"({torch.get_num_threads()} threads); best of {repeats}")

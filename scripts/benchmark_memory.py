@@ -106,8 +106,8 @@ def main() -> None:
     if not wanted:
         sys.exit(f"--configs {args.configs}: none of {', '.join(c[0] for c in CONFIGS)}")
 
-    from baichuan_finetune import plan
-    from baichuan_finetune.tiny import make_tiny_model
+    from baichuan_finetune.options import plan
+    from baichuan_finetune.builder.tiny import make_tiny_model
 
     results = []
     with tempfile.TemporaryDirectory(prefix="benchmark_memory_") as tmp:
@@ -156,7 +156,7 @@ def main() -> None:
 
 def predict(shape, option: str, method: str, seq: int, batch: int, nproc: int):
     """The planner's CPU estimate for one benchmark configuration."""
-    from baichuan_finetune import plan
+    from baichuan_finetune.options import plan
 
     zero = plan.ds_config(option)["zero_optimization"]  # the shipped file of `option`
     setup = plan.Setup(shape=shape, method=method, nodes=1, gpus_per_node=nproc, seq_len=seq, micro_batch=batch,
@@ -166,8 +166,8 @@ def predict(shape, option: str, method: str, seq: int, batch: int, nproc: int):
 
 def replay(args) -> None:
     """Re-predict recorded measurements (model shape from the recorded arguments)."""
-    from baichuan_finetune import plan
-    from baichuan_finetune.specs_baichuan import ROPE, VOCAB_SIZE
+    from baichuan_finetune.options import plan
+    from baichuan_finetune.model.specs_baichuan import ROPE, VOCAB_SIZE
 
     results = []
     for path in args.replay.split(","):

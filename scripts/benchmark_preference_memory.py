@@ -39,8 +39,8 @@ def run_mode(mode: str, model_dir: str, seq: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from baichuan_finetune.losses import CausalLMLoss, SequenceLogProbs
-    from baichuan_finetune.preference import PreferenceObjective
+    from baichuan_finetune.objectives.losses import CausalLMLoss, SequenceLogProbs
+    from baichuan_finetune.training.preference import PreferenceObjective
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -79,7 +79,7 @@ def main() -> None:
     if args._mode:
         print(json.dumps(run_mode(args._mode, args._model, args.seq)))
         return
-    from baichuan_finetune.tiny import make_tiny_model
+    from baichuan_finetune.builder.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(Path(tmp) / "tiny", tokenizer_model=args.tokenizer, model_max_length=args.seq)

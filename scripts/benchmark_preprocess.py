@@ -19,9 +19,9 @@ sys.path.insert(0, str(REPO / "fine-tune"))
 
 import sentencepiece as spm  # noqa: E402
 
-from baichuan_finetune.arguments import DataArguments  # noqa: E402
-from baichuan_finetune.preprocess import prepare_data  # noqa: E402
-from baichuan_finetune.records import DataError  # noqa: E402
+from baichuan_finetune.options.arguments import DataArguments  # noqa: E402
+from baichuan_finetune.data.preprocess import prepare_data  # noqa: E402
+from baichuan_finetune.data.records import DataError  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 

@@ -86,9 +86,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baichuan_finetune.arguments import DataArguments
-    from baichuan_finetune.preprocess import prepare_data
-    from baichuan_finetune.tiny import make_tiny_model
+    from baichuan_finetune.options.arguments import DataArguments
+    from baichuan_finetune.data.preprocess import prepare_data
+    from baichuan_finetune.builder.tiny import make_tiny_model
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="benchmark_train_") as tmp:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's Chromium + ChromeDriver for tests/test_web_demo.py (playwright drives /usr/bin/chromium;
+# Debian's Chromium + ChromeDriver for tests/tools/test_web_demo.py (playwright drives /usr/bin/chromium;
 # it never downloads a browser). Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 missing=()

@@ -8,7 +8,7 @@ if importlib.util.find_spec("baichuan_finetune") is None:  # a source checkout w
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
 
 from baichuan_finetune.cli.web import main  # noqa: E402
-from baichuan_finetune.serve import exit_now  # noqa: E402
+from baichuan_finetune.tools.serve import exit_now  # noqa: E402
 
 if __name__ == "__main__":
     main()

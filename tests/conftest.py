@@ -37,7 +37,7 @@ def real_tokenizer_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Tiny RoPE Baichuan2 (tokenizer trained on data/), built once per test session."""
-    from baichuan_finetune.tiny import make_tiny_model
+    from baichuan_finetune.builder.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "rope", position_embedding="rope")
 
@@ -45,7 +45,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_alibi_model_dir(tmp_path_factory) -> Path:
     """Tiny ALiBi (13B-style) Baichuan2, built once per test session."""
-    from baichuan_finetune.tiny import make_tiny_model
+    from baichuan_finetune.builder.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "alibi", position_embedding="alibi")
 
@@ -53,6 +53,6 @@ def tiny_alibi_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_real_vocab_model_dir(tmp_path_factory, real_tokenizer_model: Path) -> Path:
     """Tiny RoPE Baichuan2 with the real 125,696-piece tokenizer."""
-    from baichuan_finetune.tiny import make_tiny_model
+    from baichuan_finetune.builder.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "realvocab", tokenizer_model=real_tokenizer_model)

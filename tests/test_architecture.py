@@ -1,98 +1,93 @@
-"""The package's module graph: no cycles, and no import from a lower layer to a higher one."""
+"""The package's module graph, by folder: every module lies in a layer folder, no import cycle, no
+import from a lower layer to a higher one, and model/ self-contained.
+
+The layers are the folders of the package, in the order of ``LAYERS`` in its ``__init__.py`` (lowest
+first): the one hand-kept list. A module's layer is the folder it lies in.
+"""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fine-tune" / "baichuan_finetune"
-
-# Lowest first. A module may import modules of its own layer or of lower layers only.
-LAYERS = [
-    # Self-contained: copied next to saved weights, so they may import nothing of the package but each other.
-    # specs_baichuan: the model's facts (shapes, layer names, ids, position schemes), standard library only.
-    {"configuration_baichuan", "tokenization_baichuan", "modeling_baichuan", "specs_baichuan"},
-    # quiet (library noise filters), launch_checks (fine-tune.py's checks before torch), errors (the error
-    # kinds and their exit codes), json_files (the one "JSON object or why not" reader): stdlib only.
-    {"quiet", "launch_checks", "errors", "json_files"},
-    {"losses", "quantize", "attention"},
-    # Which files hold a directory's weights, each checked whole (no torch): preflight, saving, tools.
-    {"weight_files"},
-    {"records", "encoding", "collator", "data_stats"},
-    # preference_data: pair records, their encoding and batches (uses preprocess.split_sizes).
-    {"preprocess", "preference_data"},
-    # plan: the memory planner reads config.json only; train and scripts/plan.py import it.
-    {"data_preview", "arguments", "plan"},
-    # launch_guard (rank <-> launcher) and fingerprint (base recorded in adapters): train imports them.
-    {"lora", "trainer", "saving", "preflight", "launch_guard", "fingerprint", "preference", "preemption",
-     "checkpoint_trust", "resume_checks"},
-    {"train"},
-    {"loading", "convert", "openai_requests"},
-    {"generation"},
-    {"chat_cli", "serve", "evaluate", "merge"},
-    {"tiny"},
-    # The console command `baichuan-finetune` (the subpackage cli/, one node here): entry points only.
-    {"cli"},
-]
-SELF_CONTAINED = LAYERS[0]
+PACKAGE = "baichuan_finetune"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fine-tune" / PACKAGE
+SELF_CONTAINED = "model"
 
 
-def package_imports(path: Path) -> set[str]:
-    """Names of the package modules that ``path`` imports (relative or absolute, at any depth)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level == 0 and not module.startswith("baichuan_finetune"):
-                continue
-            parts = module.split(".")[1:] if node.level == 0 else module.split(".") if module else []
-            if parts:
-                found.add(parts[0])
-            else:  # "from . import x" / "from baichuan_finetune import x"
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "baichuan_finetune" and len(parts) > 1:
-                    found.add(parts[1])
+def read_layers() -> tuple[str, ...]:
+    tree = ast.parse((PACKAGE_DIR / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "LAYERS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"{PACKAGE_DIR / '__init__.py'} defines no LAYERS")
+
+
+LAYERS = read_layers()
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name inside the package ("data.records"; a folder's __init__ is "data") -> file."""
+    found = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        parts = list(path.relative_to(PACKAGE_DIR).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts:  # the package's own __init__ (registration, LAYERS) is not a layer
+            found[".".join(parts)] = path
     return found
 
 
-def subpackage_imports(path: Path) -> set[str]:
-    """Names of the package modules that a module of a subpackage (cli/) imports: ``from ..x``,
-    ``from .. import x`` or ``baichuan_finetune.x`` (``from .y``, the subpackage's own, is not counted)."""
+def package_imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules that module `name` (at `path`) imports, relative or absolute, at any depth."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level >= 2:
-            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("baichuan_finetune."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                target = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            elif node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            submodules = {".".join(target + [a.name]) for a in node.names} & known
+            if submodules:  # "from . import x", "from ..checkpoints import saving"
+                found |= submodules
+            elif ".".join(target) in known:  # "from .records import x", "from ..model.modeling_baichuan import y"
+                found.add(".".join(target))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names
-                         if a.name.startswith("baichuan_finetune.") and len(a.name.split(".")) > 1)
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE and ".".join(parts[1:]) in known:
+                    found.add(".".join(parts[1:]))
     return found
 
 
 def module_graph() -> dict[str, set[str]]:
-    modules = {p.stem: p for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__"}
-    subpackages = {p.parent.name: p.parent for p in PACKAGE_DIR.glob("*/__init__.py")}
-    names = set(modules) | set(subpackages)
-    graph = {name: package_imports(path) & names - {name} for name, path in modules.items()}
-    for name, folder in subpackages.items():
-        graph[name] = set().union(*(subpackage_imports(f) for f in folder.rglob("*.py"))) & names - {name}
-    return graph
+    mods = modules()
+    return {name: package_imports(name, path, set(mods)) - {name} for name, path in mods.items()}
 
 
 def layer_of(name: str) -> int:
-    for i, layer in enumerate(LAYERS):
-        if name in layer:
-            return i
-    raise AssertionError(f"module {name!r} is in no layer of {__file__}: add it where it belongs")
+    folder = name.split(".")[0]
+    if folder not in LAYERS:
+        raise AssertionError(f"{name} lies in no folder of LAYERS {LAYERS}: move it into one, or add its folder there")
+    return LAYERS.index(folder)
 
 
-def test_every_module_has_a_layer():
+def by_stem() -> dict[str, str]:
+    names = sorted(modules(), key=lambda name: -layer_of(name))  # a lower layer wins a shared stem
+    return {name.split(".")[-1]: name for name in names}
+
+
+def test_every_module_lies_in_a_layer_folder():
     for name in module_graph():
+        assert "." in name or (PACKAGE_DIR / name).is_dir(), f"{name}.py lies at the package's top: move it into a folder"
         layer_of(name)
+    missing = [f for f in LAYERS if not (PACKAGE_DIR / f / "__init__.py").is_file()]
+    assert not missing, f"LAYERS names folders that are not packages: {missing}"
 
 
 def test_no_module_imports_a_higher_layer():
@@ -124,22 +119,28 @@ def test_no_import_cycle():
 
 
 def test_self_contained_modules_import_only_each_other():
-    for name in SELF_CONTAINED:
-        deps = module_graph()[name]
-        assert deps <= SELF_CONTAINED, f"{name} imports {deps - SELF_CONTAINED}"
-        tree = ast.parse((PACKAGE_DIR / f"{name}.py").read_text(encoding="utf-8"))
+    graph = module_graph()
+    model = {name for name in graph if name.split(".")[0] == SELF_CONTAINED}
+    assert model, f"no {SELF_CONTAINED}/ folder"
+    for name in model:
+        assert graph[name] <= model, f"{name} imports {graph[name] - model}"
+        tree = ast.parse(modules()[name].read_text(encoding="utf-8"))
         absolute = [
             node.module for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("baichuan_finetune")
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(PACKAGE)
         ]
         # Saved directories load these files as a dynamic module where the package may be absent.
         assert not absolute, f"{name} imports {absolute} by the package's name"
+        deep = [
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 1
+        ]
+        # Copied flat next to the weights: only "from .sibling import" resolves there.
+        assert not deep, f"{name} imports {deep} from outside its folder"
 
 
 def test_the_checker_sees_real_imports():
     # Guards the checks above against passing because the parser found nothing.
-    graph = module_graph()
-    assert "tokenization_baichuan" in graph["encoding"]
-    assert "preprocess" in graph["data_preview"]
-    assert "errors" in graph["arguments"]
-    assert "train" in graph["cli"]
+    graph, stem = module_graph(), by_stem()
+    assert stem["tokenization_baichuan"] in graph[stem["encoding"]]
+    assert stem["preprocess"] in graph[stem["data_preview"]]
+    assert stem["saving"] in graph[stem["train"]]  # "from ..checkpoints import saving"

@@ -44,7 +44,7 @@ def make_lora_dir(base_dir: Path, out_dir: Path, seed: int = 0, scale: float = 0
 
 def generate_reply(model, tokenizer, messages: list[dict], generation_config=None, **kwargs):
     """The whole reply of ``generation.stream_reply`` (its last item)."""
-    from baichuan_finetune.generation import stream_reply
+    from baichuan_finetune.tools.generation import stream_reply
 
     reply = None
     for _, reply in stream_reply(model, tokenizer, messages, generation_config, **kwargs):
@@ -58,7 +58,7 @@ def greedy_token_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: 
 
     Ends after ``max_new_tokens`` or at eos (not included); no repetition penalty.
     """
-    from baichuan_finetune.loading import chat_model
+    from baichuan_finetune.tools.loading import chat_model
 
     base = chat_model(model)
     ids = list(prompt_ids)

@@ -5,11 +5,16 @@ transformers Auto classes, so official checkpoint directories load with our code
 their outdated remote code.
 """
 
+# The package's layers, lowest first: one folder each. A module imports only modules of its own folder
+# or of folders before it, without cycles; model/ imports nothing else (its files are copied next to
+# saved weights). tests/test_architecture.py reads this tuple and checks the import graph against it.
+LAYERS = ("model", "core", "objectives", "data", "options", "checkpoints", "training", "tools", "builder", "cli")
+
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .configuration_baichuan import BaichuanConfig
-from .modeling_baichuan import BaichuanForCausalLM
-from .tokenization_baichuan import BaichuanTokenizer
+from .model.configuration_baichuan import BaichuanConfig
+from .model.modeling_baichuan import BaichuanForCausalLM
+from .model.tokenization_baichuan import BaichuanTokenizer
 
 AutoConfig.register("baichuan", BaichuanConfig, exist_ok=True)
 AutoModelForCausalLM.register(BaichuanConfig, BaichuanForCausalLM, exist_ok=True)

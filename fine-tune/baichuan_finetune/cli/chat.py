@@ -14,9 +14,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..chat_cli import add_generation_arguments, check_generation_arguments, run_terminal_chat
-from ..generation import make_generation_config
-from ..loading import ToolArgumentParser, add_model_arguments, check_model_dir, load_model_or_exit
+from ..tools.chat_cli import add_generation_arguments, check_generation_arguments, run_terminal_chat
+from ..tools.generation import make_generation_config
+from ..tools.loading import ToolArgumentParser, add_model_arguments, check_model_dir, load_model_or_exit
 from .config import parse_with_config
 
 

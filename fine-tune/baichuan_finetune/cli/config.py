@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UsageFault
+from ..core.errors import UsageFault
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 

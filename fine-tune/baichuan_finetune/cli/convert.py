@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..convert import convert_lm_head
-from ..errors import exit_code
+from ..tools.convert import convert_lm_head
+from ..core.errors import exit_code
 from .config import parse_with_config
 
 

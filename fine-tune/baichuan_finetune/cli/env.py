@@ -63,7 +63,7 @@ def report() -> dict[str, Any]:
                         "devices": [f"{i}: {torch.cuda.get_device_name(i)}, "
                                     f"{torch.cuda.get_device_properties(i).total_memory / 2**30:.1f} GiB"
                                     for i in range(torch.cuda.device_count())] if cuda else []}
-        from ..attention import IMPLEMENTATIONS, check_available
+        from ..objectives.attention import IMPLEMENTATIONS, check_available
 
         kernels = {}
         for name in IMPLEMENTATIONS:

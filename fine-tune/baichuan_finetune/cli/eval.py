@@ -15,9 +15,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..errors import exit_code
-from ..evaluate import EvalDataError, check_arguments, run
-from ..loading import ToolArgumentParser, add_model_arguments, one_line
+from ..core.errors import exit_code
+from ..tools.evaluate import EvalDataError, check_arguments, run
+from ..tools.loading import ToolArgumentParser, add_model_arguments, one_line
 from .config import parse_with_config
 
 

@@ -12,9 +12,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..arguments import CHOICES, DataArguments, UsageError, check_model_max_length
-from ..data_preview import inspect_data, inspect_pairs, load_sentencepiece
-from ..errors import ToolkitError, exit_code
+from ..options.arguments import CHOICES, DataArguments, UsageError, check_model_max_length
+from ..data.data_preview import inspect_data, inspect_pairs, load_sentencepiece
+from ..core.errors import ToolkitError, exit_code
 from .config import parse_with_config
 
 

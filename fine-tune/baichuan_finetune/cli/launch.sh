@@ -197,7 +197,7 @@ fi
 
 # DeepSpeed's runner exits 0 when this node's launch.py dies by a signal (it checks returncode > 0
 # only). The training's local main process writes a status file after the final save
-# (baichuan_finetune.launch_guard); a run that exits 0 without it did not finish.
+# (baichuan_finetune.training.launch_guard); a run that exits 0 without it did not finish.
 run_checked() {
     status_file="$(mktemp "${TMPDIR:-/tmp}/train-sh-status.XXXXXX")"
     trap 'rm -f -- "$status_file"' EXIT

@@ -8,7 +8,7 @@ import sys
 from importlib import import_module
 from typing import Sequence
 
-from ..errors import ToolkitError, exit_code
+from ..core.errors import ToolkitError, exit_code
 
 PROG = "baichuan-finetune"
 # Subcommand -> (module under baichuan_finetune.cli, one line of help). Order: as listed in --help.
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     if name in SERVERS:
-        from ..serve import exit_now
+        from ..tools.serve import exit_now
 
         exit_now()
     return code or 0

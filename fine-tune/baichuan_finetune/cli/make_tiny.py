@@ -1,4 +1,4 @@
-"""Build the embedded tiny Baichuan2 model directory (see baichuan_finetune.tiny): a few layers and a
+"""Build the embedded tiny Baichuan2 model directory (see baichuan_finetune.builder.tiny): a few layers and a
 tokenizer trained on the package's own example data, for the quickstart, tests and smoke runs.
 
     baichuan-finetune make-tiny --output_dir models/tiny-baichuan2
@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..tiny import make_tiny_model
+from ..builder.tiny import make_tiny_model
 from .config import parse_with_config
 
 DEFAULT_OUTPUT_DIR = "tiny-baichuan2"

@@ -14,9 +14,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..errors import exit_code
-from ..loading import DTYPES, ToolArgumentParser, one_line
-from ..merge import MergeError, merge_lora
+from ..core.errors import exit_code
+from ..tools.loading import DTYPES, ToolArgumentParser, one_line
+from ..tools.merge import MergeError, merge_lora
 from .config import parse_with_config
 
 

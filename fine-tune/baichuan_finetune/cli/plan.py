@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .. import plan
-from ..errors import exit_code
+from ..options import plan
+from ..core.errors import exit_code
 from .config import ConfigError, apply_config, is_config_path, read_config
 
 ZERO_CHOICES = {"auto": plan.OPTIONS, "2": ("zero2",), "3": ("zero3",), "3_offload": ("zero3_offload_optimizer",),

@@ -8,7 +8,7 @@ so do we. Use it through these flags (bitsandbytes: the optional extra, requirem
     baichuan-finetune eval  --model output/merged --quantize 8 --task_dir ...
     baichuan-finetune train examples/qlora-7b.yaml       (QLoRA: --use_lora True --q_lora True, CUDA only)
 
-In Python: ``model.quantize(8)`` (baichuan_finetune.quantize.quantize). This command says whether
+In Python: ``model.quantize(8)`` (baichuan_finetune.objectives.quantize.quantize). This command says whether
 quantization can run here.
 """
 
@@ -24,7 +24,7 @@ from .config import parse_with_config
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parse_with_config(parser, sys.argv[1:] if argv is None else argv)
-    from ..quantize import bitsandbytes_available
+    from ..objectives.quantize import bitsandbytes_available
 
     if not bitsandbytes_available():
         print("bitsandbytes: not installed; pip install -r requirements-quant.txt (or pip install bitsandbytes) "

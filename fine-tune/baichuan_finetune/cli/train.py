@@ -52,7 +52,7 @@ def launch(argv: Sequence[str]) -> int:
 
 def run_in_process(argv: Sequence[str], prog: str = PROG) -> int:
     """The training in this process (one rank), with fine-tune.py's fast first checks and line."""
-    from .. import launch_checks, quiet
+    from ..core import launch_checks, quiet
 
     quiet.install()
     launch_checks.PROG = prog  # the messages name the command the user ran
@@ -62,8 +62,8 @@ def run_in_process(argv: Sequence[str], prog: str = PROG) -> int:
             print(f"{prog}: error: {problem}", file=sys.stderr, flush=True)
         return 2
     launch_checks.announce_start(list(argv))
-    from .. import train
-    from ..launch_guard import exit_process
+    from ..training import train
+    from ..training.launch_guard import exit_process
 
     train.PROG = prog
     exit_process(train.main(list(argv)))  # leaves without interpreter teardown (see launch_guard)

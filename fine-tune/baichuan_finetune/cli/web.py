@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from ..serve import build_arg_parser, serve
+from ..tools.serve import build_arg_parser, serve
 from .config import parse_with_config
 
 

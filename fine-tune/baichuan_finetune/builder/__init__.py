@@ -1,0 +1,1 @@
+"""The embedded tiny model (tests, quickstart, benchmarks)."""

@@ -1,0 +1,1 @@
+"""Weight files, checkpoints as transactions, saving, fingerprints, trust and resume checks."""

@@ -1,0 +1,1 @@
+"""Standard-library-only helpers, loadable by path before torch is imported (fine-tune.py)."""

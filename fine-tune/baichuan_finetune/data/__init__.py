@@ -1,0 +1,1 @@
+"""Records, the masking rule, batching, packing, the tokenized cache, statistics and previews."""

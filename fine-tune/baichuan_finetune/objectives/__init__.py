@@ -1,0 +1,1 @@
+"""What the model computes beyond itself: head losses, attention kernels, quantization."""

@@ -1,0 +1,1 @@
+"""The options (every flag checked once) and the memory planner."""

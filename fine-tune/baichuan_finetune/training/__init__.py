@@ -1,0 +1,1 @@
+"""Building and running a training: LoRA, trainers, preference training, launch and preflight."""
