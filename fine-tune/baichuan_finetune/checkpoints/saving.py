@@ -49,7 +49,6 @@ import shutil
 import signal
 import socket
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 

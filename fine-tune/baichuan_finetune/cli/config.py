@@ -8,45 +8,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
-from ..core.errors import UsageFault
-
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-class ConfigError(UsageFault):
-    """A config file that cannot be read, is not a mapping, or names an unknown option."""
+from ..core.config_files import CONFIG_SUFFIXES, read_config_file as read_config  # noqa: F401 (re-exported)
+from ..core.config_files import ConfigFileError as ConfigError
 
 
 def is_config_path(arg: str) -> bool:
     """Whether a first positional argument names a config file (by its suffix)."""
     return arg.endswith(CONFIG_SUFFIXES) and not arg.startswith("-")
-
-
-def read_config(path: str) -> dict[str, Any]:
-    """The option mapping in a ``.json``/``.yaml``/``.yml`` file; `ConfigError` (one line) otherwise."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
-    try:
-        if path.endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml
-
-            config = yaml.safe_load(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        kind = "JSON" if path.endswith(".json") else "YAML"
-        raise ConfigError(f"{path}: not valid {kind}: {' '.join(str(e).split())}") from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in config.items()}
 
 
 def unknown_key_error(path: str, key: str, known: Sequence[str]) -> ConfigError:

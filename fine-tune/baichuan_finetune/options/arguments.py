@@ -23,6 +23,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from ..objectives.attention import IMPLEMENTATIONS, check_available, check_model
+from ..core.config_files import ConfigFileError, read_config_file
 from ..core.json_files import JSONObjectError, read_json_object
 from .plan import SHIPPED_CONFIG, PlanError, parse_lora_targets
 from ..model.specs_baichuan import ALL_LINEAR
@@ -434,24 +435,12 @@ def pop_local_rank(argv: Sequence[str]) -> tuple[list[str], int | None]:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """The option mapping in a ``.json`` or ``.yaml`` file; `UsageError` when unreadable or not a mapping."""
+    """The option mapping in a ``.json`` or ``.yaml`` file (`core.config_files`); `UsageError` when
+    unreadable or not a mapping."""
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read config file: {e.strerror or e}") from None
-    try:
-        if path.endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml
-
-            config = yaml.safe_load(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        kind = "JSON" if path.endswith(".json") else "YAML"
-        raise UsageError(f"{path}: not valid {kind}: {' '.join(str(e).split())}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path}: expected a mapping of option names to values")
-    return config
+        return read_config_file(path)
+    except ConfigFileError as e:
+        raise UsageError(str(e)) from None
 
 
 def _default_distributed_env(uses_deepspeed: bool) -> None:
