@@ -2,7 +2,7 @@
 
 FlexAttention runs forward on CPU (eager); FlashAttention-2 and xFormers need CUDA, so here they are
 tested for their one-line errors and, for the varlen layout they share, against per-sequence SDPA.
-On a GPU `scripts/benchmark_gpu.py` checks every kernel's outputs and gradients.
+On a GPU `benchmarks/gpu.py` checks every kernel's outputs and gradients.
 """
 
 import json

@@ -9,7 +9,7 @@
 
 Reads only ``config.json`` (``--model 7b``/``13b`` need nothing); see docs/planning.md for the
 memory model. ``--device cpu --nproc N`` predicts per-process RSS growth of a CPU run (float32),
-as measured by scripts/benchmark_memory.py. Bad inputs: one line on stderr, exit code 2.
+as measured by benchmarks/memory.py. Bad inputs: one line on stderr, exit code 2.
 Imports neither torch nor transformers (scripts/plan.py loads it without the package's __init__).
 """
 

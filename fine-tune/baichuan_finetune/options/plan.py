@@ -7,7 +7,7 @@ answers in well under a second. `scripts/plan.py` is the command line; `fine-tun
 plan line for the configuration it launches (`launch_line`) before loading the model.
 
 The model is a sum of byte counts derived from the code that runs (docs/planning.md lists every
-term and where its constant comes from; ``scripts/benchmark_memory.py`` checks it against measured
+term and where its constant comes from; ``benchmarks/memory.py`` checks it against measured
 CPU runs). Peak = the largest of three moments of a step, each a sum of what is alive then:
 end of forward (activations + loss head), end of backward (gradients, the largest unreduced
 gradient) and the optimizer step (fp32 step temporaries).
@@ -764,7 +764,7 @@ def launch_line(s: Setup, option: str | None, free: tuple[int, int] | None = Non
 def memory_probe_start() -> None:
     """With ``BAICHUAN_FINETUNE_MEMORY_LOG=<dir>``: record this rank's RSS baseline and reset its peak.
 
-    Used by scripts/benchmark_memory.py: called just before the model is loaded; writing 5 to
+    Used by benchmarks/memory.py: called just before the model is loaded; writing 5 to
     /proc/self/clear_refs resets VmHWM, so the peak read later is the peak since this baseline.
     """
     log_dir = os.environ.get("BAICHUAN_FINETUNE_MEMORY_LOG")

@@ -215,7 +215,7 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
         data = prepare_data(args.data, tokenizer, t.model_max_length, seed=t.seed)
     if t.process_index == 0:
         print(data.report.format(), flush=True)
-    memory_plan.memory_probe_start()  # only with BAICHUAN_FINETUNE_MEMORY_LOG (scripts/benchmark_memory.py)
+    memory_plan.memory_probe_start()  # only with BAICHUAN_FINETUNE_MEMORY_LOG (benchmarks/memory.py)
     model = method.load_model(args)
     base_config = model.config  # a PeftModel's is its base model's
 

@@ -1,7 +1,8 @@
 """One-command GPU benchmark: attention kernels' correctness, then bf16 training steps at 7B and 13B width.
 
-    python scripts/benchmark_gpu.py                      # on one GPU: the whole table (under 8 minutes)
-    python scripts/benchmark_gpu.py --device cpu --quick # the correctness part only, small, on CPU
+    python benchmarks/gpu.py                      # on one GPU: the whole table (under 8 minutes)
+    python benchmarks/gpu.py --device cpu --quick # the correctness part only, small, on CPU
+    (either with --json PATH: also write the command, machine and tables to PATH)
 
 1. Correctness: a 2-layer model of 40 heads (ALiBi, then RoPE) on packed rows with padding (one row
    of three conversations and padding, one left-padded row). Every available implementation runs
@@ -25,24 +26,19 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "fine-tune"))
-SHARED = REPO_ROOT.parent / "shared"
-TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
-DATA = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
+from baichuan_finetune.model.configuration_baichuan import BaichuanConfig
+from baichuan_finetune.model.modeling_baichuan import IGNORE_INDEX, BaichuanForCausalLM
+from baichuan_finetune.model.specs_baichuan import RELEASED, VOCAB_SIZE
+from baichuan_finetune.objectives.attention import IMPLEMENTATIONS, check_available, check_model, kernel_name
+from baichuan_finetune.objectives.losses import CausalLMLoss
 
-from baichuan_finetune.objectives.attention import IMPLEMENTATIONS, check_available, check_model, kernel_name  # noqa: E402
-from baichuan_finetune.model.configuration_baichuan import BaichuanConfig  # noqa: E402
-from baichuan_finetune.objectives.losses import CausalLMLoss  # noqa: E402
-from baichuan_finetune.model.modeling_baichuan import IGNORE_INDEX, BaichuanForCausalLM  # noqa: E402
-from baichuan_finetune.model.specs_baichuan import RELEASED, VOCAB_SIZE  # noqa: E402
+import common
+from common import DATA, TOKENIZER
 
 KERNELS = [name for name in IMPLEMENTATIONS if name != "eager"]
 # The released models' widths (every dimension but the layer count, which is --layers).
@@ -123,13 +119,16 @@ def packed_batch(row: list[tuple[int, int]], seq: int, vocab: int, device: str, 
 # ----- 1. correctness -----
 
 
-def correctness(device: str, quick: bool) -> list[str]:
+CORRECTNESS_COLUMNS = ["position", "implementation", "out max|d|", "out rel", "grad max|d|", "grad rel", "verdict"]
+
+
+def correctness(device: str, quick: bool) -> tuple[str, list[list[str]]]:
+    """The table's title and rows (CORRECTNESS_COLUMNS)."""
     heads, head_dim, seq = (40, 8, 96) if quick else (40, 128, 1024)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    lines = [f"correctness: 2 layers, {heads} heads x {head_dim}, 2 rows of {seq} (one packed row of 3 conversations "
-             f"+ padding, one left-padded row), {str(dtype).removeprefix('torch.')} vs fp32 SDPA with the dense mask",
-             f"{'position':<9} {'implementation':<18} {'out max|d|':>11} {'out rel':>9} {'grad max|d|':>12} "
-             f"{'grad rel':>9}  verdict"]
+    title = (f"correctness: 2 layers, {heads} heads x {head_dim}, 2 rows of {seq} (one packed row of 3 conversations "
+             f"+ padding, one left-padded row), {str(dtype).removeprefix('torch.')} vs fp32 SDPA with the dense mask")
+    lines = []
     third = seq // 3
     mask = torch.tensor([[1] * third + [2] * third + [3] * (seq - 2 * third - 7) + [0] * 7,
                          [0] * 11 + [1] * (seq - 11)], device=device)
@@ -160,7 +159,7 @@ def correctness(device: str, quick: bool) -> list[str]:
         for name in KERNELS + ["eager"]:
             reason = availability(name, device, training=False, config=config)
             if reason is not None:
-                lines.append(f"{position:<9} {name:<18} {'-':>11} {'-':>9} {'-':>12} {'-':>9}  unavailable: {reason}")
+                lines.append([position, name, "-", "-", "-", "-", f"unavailable: {reason}"])
                 continue
             backward = availability(name, device, training=True) is None
             model = copy.deepcopy(reference).to(dtype)
@@ -177,12 +176,11 @@ def correctness(device: str, quick: bool) -> list[str]:
                 ok = r_out <= 1e-5 and (grads is None or r_grad <= 1e-5)
             else:
                 ok = r_out <= 2 * yardstick[0] + 1e-3 and (grads is None or r_grad <= 2 * yardstick[1] + 1e-3)
-            grad_cols = (f"{d_grad:>12.2e} {r_grad:>9.1e}" if grads is not None else f"{'-':>12} {'-':>9}")
+            grad_cols = [f"{d_grad:.2e}", f"{r_grad:.1e}"] if grads is not None else ["-", "-"]
             note = "" if grads is not None else " (forward only: no backward on this device)"
-            lines.append(f"{position:<9} {name:<18} {d_out:>11.2e} {r_out:>9.1e} {grad_cols}  "
-                         f"{'ok' if ok else 'MISMATCH'}{note}")
+            lines.append([position, name, f"{d_out:.2e}", f"{r_out:.1e}", *grad_cols, f"{'ok' if ok else 'MISMATCH'}{note}"])
             del model
-    return lines
+    return title, lines
 
 
 # ----- 2. training steps -----
@@ -211,9 +209,12 @@ def useful_flops(config: BaichuanConfig, row: list[tuple[int, int]], n_matmul_pa
     return 6 * n_matmul_params * tokens + 12 * config.num_hidden_layers * config.hidden_size * attended
 
 
-def training(device: str, args, rows, peak: float) -> list[str]:
-    lines = [f"{'width':<5} {'method':<5} {'implementation':<18} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
-             f"{'x sdpa':>7} {'loss':>8}"]
+TRAINING_COLUMNS = ["width", "method", "implementation", "tok/s", "MFU", "peak GiB", "x sdpa", "loss", "note"]
+
+
+def training(device: str, args, rows, peak: float) -> list[list[str]]:
+    """The table's rows (TRAINING_COLUMNS)."""
+    lines = []
     for width, dims in WIDTHS.items():
         config = BaichuanConfig(vocab_size=VOCAB_SIZE, num_hidden_layers=args.layers, model_max_length=args.seq, **dims)
         for method in ("full", "lora"):
@@ -233,7 +234,7 @@ def training(device: str, args, rows, peak: float) -> list[str]:
             for name in KERNELS:
                 reason = availability(name, device, training=True, config=config)
                 if reason is not None:
-                    lines.append(f"{width:<5} {method:<5} {name:<18} unavailable: {reason}")
+                    lines.append([width, method, name, "-", "-", "-", "-", "-", f"unavailable: {reason}"])
                     continue
                 base.set_attn_implementation(kernel_name(name))
                 optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
@@ -253,7 +254,7 @@ def training(device: str, args, rows, peak: float) -> list[str]:
                         optimizer.zero_grad(set_to_none=True)
                     torch.cuda.synchronize()
                 except torch.cuda.OutOfMemoryError:
-                    lines.append(f"{width:<5} {method:<5} {name:<18} out of memory")
+                    lines.append([width, method, name, "-", "-", "-", "-", "-", "out of memory"])
                     optimizer = None
                     torch.cuda.empty_cache()
                     continue
@@ -263,9 +264,9 @@ def training(device: str, args, rows, peak: float) -> list[str]:
                 flops = sum(useful_flops(config, r, n_matmul) for r in timed)
                 speed = tokens / seconds
                 sdpa_speed = speed if name == "sdpa" else sdpa_speed
-                ratio = f"{speed / sdpa_speed:>6.2f}x" if sdpa_speed else f"{'-':>7}"
-                lines.append(f"{width:<5} {method:<5} {name:<18} {speed:>9.0f} {flops / seconds / peak:>6.1%} "
-                             f"{torch.cuda.max_memory_allocated() / 2**30:>9.1f} {ratio} {loss.item():>8.3f}")
+                ratio = f"{speed / sdpa_speed:.2f}x" if sdpa_speed else "-"
+                lines.append([width, method, name, f"{speed:.0f}", f"{flops / seconds / peak:.1%}",
+                              f"{torch.cuda.max_memory_allocated() / 2**30:.1f}", ratio, f"{loss.item():.3f}", ""])
                 del optimizer
                 torch.cuda.empty_cache()
             del model, base
@@ -285,28 +286,29 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (FlexAttention compiles in them)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per implementation")
+    common.add_json_argument(parser)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmark_gpu.py: no CUDA device here; run with --device cpu --quick for the correctness part")
-    started = time.perf_counter()
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    for name in IMPLEMENTATIONS:
-        print(f"  {name}: {availability(name, args.device, training=True) or 'available'}")
-    print()
-    print("\n".join(correctness(args.device, args.quick)), flush=True)
+        sys.exit("benchmarks/gpu.py: no CUDA device here; run with --device cpu --quick for the correctness part")
+    report = common.Report(args, device=args.device)
+    report.table(["implementation", "availability"],
+                 [[name, availability(name, args.device, training=True) or "available"] for name in IMPLEMENTATIONS])
+    title, rows = correctness(args.device, args.quick)
+    report.table(CORRECTNESS_COLUMNS, rows, title=title)
     if args.quick or args.device == "cpu":
-        print(f"\n(training steps skipped: {'--quick' if args.quick else 'CPU'}; {time.perf_counter() - started:.0f} s)")
+        report.line(f"\n(training steps skipped: {'--quick' if args.quick else 'CPU'}; "
+                    f"{time.perf_counter() - report.started:.0f} s)")
+        report.finish()
         return
     peak = bf16_matmul_peak(args.device)
     rows, source = conversation_lengths(args.seq, args.warmup + args.steps)
     fill = sum(sum(n for n, _ in r) for r in rows) / (len(rows) * args.seq)
-    print(f"\ntraining: {args.layers} layers, vocab {VOCAB_SIZE}, bf16, one packed row of {args.seq} tokens per step "
-          f"({source}; rows {fill:.1%} real tokens), {args.warmup} warm-up + {args.steps} timed steps; "
-          f"bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s")
-    print("\n".join(training(args.device, args, rows, peak)))
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
-
+    report.table(TRAINING_COLUMNS, training(args.device, args, rows, peak),
+                 title=f"training: {args.layers} layers, vocab {VOCAB_SIZE}, bf16, one packed row of {args.seq} tokens "
+                       f"per step ({source}; rows {fill:.1%} real tokens), {args.warmup} warm-up + {args.steps} timed "
+                       f"steps; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s")
+    report.line(f"\ntotal {time.perf_counter() - report.started:.0f} s")
+    report.finish(bf16_matmul_peak_flops=peak, packed_rows_source=source)
 
 if __name__ == "__main__":
     main()

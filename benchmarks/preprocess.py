@@ -1,6 +1,6 @@
 """End-to-end preprocessing throughput against raw single-thread sentencepiece, plus the cached re-run.
 
-    python scripts/benchmark_preprocess.py [--repeat 100] [--model_max_length 2048] [--workers N]
+    python benchmarks/preprocess.py [--repeat 100] [--model_max_length 2048] [--workers N] [--json PATH]
 
 Reads ../shared (the real tokenizer and medicalgpt_sharegpt_zh_1k.jsonl); writes only to a temp dir.
 """
@@ -14,16 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "fine-tune"))
+import sentencepiece as spm
+from baichuan_finetune.data.preprocess import prepare_data
+from baichuan_finetune.data.records import DataError
+from baichuan_finetune.options.arguments import DataArguments
 
-import sentencepiece as spm  # noqa: E402
-
-from baichuan_finetune.options.arguments import DataArguments  # noqa: E402
-from baichuan_finetune.data.preprocess import prepare_data  # noqa: E402
-from baichuan_finetune.data.records import DataError  # noqa: E402
-
-SHARED = REPO.parent / "shared"
+import common
 
 
 def raw_encode_speed(sp, path: Path) -> tuple[int, float]:
@@ -46,12 +42,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=100)
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=None)
+    common.add_json_argument(parser)
     args = parser.parse_args()
-    source = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
-    model = SHARED / "baichuan2" / "tokenizer.model"
+    source, model = common.DATA, common.TOKENIZER
     if not source.exists() or not model.exists():
         print(f"needs {source} and {model}", file=sys.stderr)
         return 1
+    report = common.Report(args)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "medical_repeated.jsonl"
@@ -61,11 +58,9 @@ def main() -> int:
                 for line in lines:
                     f.write(line + "\n")
         n_conv = len(lines) * args.repeat
-        print(f"data: {source.name} x {args.repeat} = {n_conv} conversations, {data.stat().st_size / 1e6:.0f} MB")
+        report.line(f"data: {source.name} x {args.repeat} = {n_conv} conversations, {data.stat().st_size / 1e6:.0f} MB")
 
         tokens, raw_s = raw_encode_speed(sp, data)
-        print(f"raw sentencepiece.encode, 1 thread: {tokens} tokens in {raw_s:.1f} s = {tokens / raw_s / 1e6:.2f} M tokens/s")
-
         data_args = DataArguments(data_path=str(data), data_cache_dir=str(Path(tmp) / "cache"),
                                   preprocessing_num_workers=args.workers)
         try:
@@ -78,10 +73,15 @@ def main() -> int:
         except DataError as e:
             print(e, file=sys.stderr)
             return 1
-        print(f"prepare_data end to end (read + validate + encode + write Arrow): {first:.1f} s = "
-              f"{tokens / first / 1e6:.2f} M text tokens/s, {raw_s / first:.2f} of the raw speed")
-        print(f"cached re-run: {second:.2f} s = {second / first:.1%} of the first run (from_cache={again.report.from_cache})")
-        print(prepared.report.format())
+        report.table(["step", "seconds", "M tokens/s", "of the raw speed"],
+                     [["raw sentencepiece.encode, 1 thread", f"{raw_s:.1f}", f"{tokens / raw_s / 1e6:.2f}", "1.00"],
+                      ["prepare_data end to end (read + validate + encode + write Arrow)", f"{first:.1f}",
+                       f"{tokens / first / 1e6:.2f}", f"{raw_s / first:.2f}"],
+                      [f"cached re-run (from_cache={again.report.from_cache})", f"{second:.2f}",
+                       f"{tokens / second / 1e6:.2f}", f"{raw_s / second:.2f}"]],
+                     title=f"{tokens} text tokens; cached re-run {second / first:.1%} of the first run")
+        report.line(prepared.report.format())
+        report.finish(tokens=tokens, raw_seconds=raw_s, first_seconds=first, cached_seconds=second)
     return 0
 
 

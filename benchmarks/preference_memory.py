@@ -11,26 +11,17 @@ and model_max_length 4096, then in a fresh process per mode runs one step on 2 x
 The figure is the growth of peak RSS during the step above what was held before it (model,
 gradients of earlier steps: none, optimizer: none).
 
-Usage: python scripts/benchmark_preference_memory.py [--seq 4096] [--tokenizer ../shared/baichuan2/tokenizer.model]
+Usage: python benchmarks/preference_memory.py [--seq 4096] [--tokenizer ../shared/baichuan2/tokenizer.model] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "fine-tune"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+import common
 
 
 def run_mode(mode: str, model_dir: str, seq: int) -> dict:
@@ -53,7 +44,7 @@ def run_mode(mode: str, model_dir: str, seq: int) -> dict:
         labels = ids.clone()
         labels[:, : seq // 4] = -100  # supervised: a user turn's worth unlabelled
     mask = torch.ones_like(ids)
-    baseline = rss_bytes()
+    baseline = common.rss_bytes()
     start = time.perf_counter()
     if mode == "sft":
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, head_loss=CausalLMLoss()).loss
@@ -65,16 +56,17 @@ def run_mode(mode: str, model_dir: str, seq: int) -> dict:
         loss, _ = PreferenceObjective()(logps, counts, ref)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = common.peak_rss_bytes()
     return {"loss": loss.item(), "peak_growth_bytes": peak - baseline, "seconds": seconds, "vocab": vocab}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "baichuan2" / "tokenizer.model"))
+    parser.add_argument("--tokenizer", default=str(common.TOKENIZER))
     parser.add_argument("--_mode", help=argparse.SUPPRESS)
     parser.add_argument("--_model", help=argparse.SUPPRESS)
+    common.add_json_argument(parser)
     args = parser.parse_args()
     if args._mode:
         print(json.dumps(run_mode(args._mode, args._model, args.seq)))
@@ -83,14 +75,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(Path(tmp) / "tiny", tokenizer_model=args.tokenizer, model_max_length=args.seq)
-        print(f"one step on 2 x {args.seq} tokens, tiny Baichuan2 (hidden 128, 2 layers) with the real vocabulary, "
-              "float32, CPU; peak RSS growth during forward+backward")
-        for mode in ("sft", "dpo"):
-            cmd = [sys.executable, __file__, "--seq", str(args.seq), "--_mode", mode, "--_model", str(model_dir)]
-            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            what = "supervised (CausalLMLoss)" if mode == "sft" else "DPO (reference + policy, SequenceLogProbs)"
-            print(f"{mode}: {r['peak_growth_bytes'] / 2**30:5.2f} GiB in {r['seconds']:.1f} s, vocab {r['vocab']}, "
-                  f"loss {r['loss']:.4f}  -- {what}")
+        report = common.Report(args)
+        report.line(f"one step on 2 x {args.seq} tokens, tiny Baichuan2 (hidden 128, 2 layers) with the real "
+                    "vocabulary, float32, CPU; peak RSS growth during forward+backward")
+        results = {mode: common.run_child(__file__, ["--seq", str(args.seq), "--_mode", mode, "--_model", str(model_dir)])
+                   for mode in ("sft", "dpo")}
+    what = {"sft": "supervised (CausalLMLoss)", "dpo": "DPO (reference + policy, SequenceLogProbs)"}
+    report.table(["mode", "peak growth GiB", "seconds", "vocab", "loss", "what"],
+                 [[mode, f"{r['peak_growth_bytes'] / 2**30:.2f}", f"{r['seconds']:.1f}", r["vocab"], f"{r['loss']:.4f}",
+                   what[mode]] for mode, r in results.items()])
+    report.finish(results=results)
 
 
 if __name__ == "__main__":

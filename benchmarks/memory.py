@@ -1,6 +1,6 @@
 """Predicted vs measured memory: the planner's CPU prediction against real 2-process DeepSpeed runs.
 
-    python scripts/benchmark_memory.py [--configs all|NAME,...] [--hidden 512] [--layers 8] [--steps 2]
+    python benchmarks/memory.py [--configs all|NAME,...] [--hidden 512] [--layers 8] [--steps 2] [--json PATH]
 
 Builds a Baichuan2 of ~150 M parameters with the real 125,696-piece tokenizer
 (``../shared/baichuan2/tokenizer.model``; hidden 512, 8 layers, 8 heads, intermediate 1376: the
@@ -31,11 +31,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "fine-tune"))
-SHARED = REPO_ROOT.parent / "shared"
-TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
-DATA = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
+import common
+from common import DATA, REPO_ROOT, TOKENIZER
+
 GIB = 1024**3
 
 # (name, zero option, method, sequence length, micro-batch): both stages x full/LoRA, each at two of
@@ -92,12 +90,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--json", help="also write the results to this file")
+    common.add_json_argument(parser)
     parser.add_argument("--replay", metavar="JSON",
                         help="no runs: re-predict the measurements recorded by --json with the current planner")
     args = parser.parse_args()
     if args.replay:
-        replay(args)
+        replay(args, common.Report(args))
         return
     for path in (TOKENIZER, DATA):
         if not path.is_file():
@@ -109,6 +107,7 @@ def main() -> None:
     from baichuan_finetune.options import plan
     from baichuan_finetune.builder.tiny import make_tiny_model
 
+    out = common.Report(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="benchmark_memory_") as tmp:
         tmp = Path(tmp)
@@ -118,9 +117,9 @@ def main() -> None:
                                     intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                                     num_attention_heads=args.heads, model_max_length=max(c[3] for c in CONFIGS))
         shape = plan.load_shape(str(model_dir))
-        print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate "
-              f"{args.intermediate}, vocab {shape.vocab_size}: {shape.params / 1e6:.1f} M parameters; "
-              f"{args.nproc} processes (torchrun, CPU, float32, 1 thread each), {args.steps} steps", flush=True)
+        out.line(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate "
+                 f"{args.intermediate}, vocab {shape.vocab_size}: {shape.params / 1e6:.1f} M parameters; "
+                 f"{args.nproc} processes (torchrun, CPU, float32, 1 thread each), {args.steps} steps")
         for name, option, method, seq, batch in wanted:
             log_dir = tmp / f"log-{name}"
             log_dir.mkdir()
@@ -145,13 +144,11 @@ def main() -> None:
                    "wall_s": round(time.perf_counter() - start, 1)}
             results.append(row)
             per_rank = ", ".join(f"{r['growth'] / GIB:.3f}" for r in ranks)
-            print(f"{name:<16} predicted {est.peak / GIB:6.3f} GiB ({est.phase:<14}) measured "
-                  f"{measured / GIB:6.3f} GiB (ranks {per_rank}) "
-                  f"ratio {row['ratio']:.3f}  [{row['wall_s']:.0f} s]", flush=True)
+            out.line(f"{name:<16} predicted {est.peak / GIB:6.3f} GiB ({est.phase:<14}) measured "
+                     f"{measured / GIB:6.3f} GiB (ranks {per_rank}) "
+                     f"ratio {row['ratio']:.3f}  [{row['wall_s']:.0f} s]")
 
-    report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    report(out, results)
 
 
 def predict(shape, option: str, method: str, seq: int, batch: int, nproc: int):
@@ -164,14 +161,17 @@ def predict(shape, option: str, method: str, seq: int, batch: int, nproc: int):
     return plan.estimate(setup, option)
 
 
-def replay(args) -> None:
-    """Re-predict recorded measurements (model shape from the recorded arguments)."""
+def replay(args, out) -> None:
+    """Re-predict recorded measurements (model shape from the recorded arguments).
+
+    A file is a record of ``--json`` (its ``results``) or, from before the shared report, the list itself."""
     from baichuan_finetune.options import plan
     from baichuan_finetune.model.specs_baichuan import ROPE, VOCAB_SIZE
 
     results = []
     for path in args.replay.split(","):
-        results += json.loads(Path(path).read_text())
+        recorded = json.loads(Path(path).read_text())
+        results += recorded["results"] if isinstance(recorded, dict) else recorded
     for r in results:
         shape = (plan.ModelShape(**r["shape"]) if "shape" in r else  # runs recorded before shapes were
                  plan.ModelShape(VOCAB_SIZE, args.hidden, args.intermediate, args.layers, args.heads, ROPE))
@@ -179,20 +179,19 @@ def replay(args) -> None:
         r.update(predicted_bytes=est.peak, phase=est.phase, ratio=est.peak / r["measured_bytes"], terms=est.terms)
     order = [c[0] for c in CONFIGS]
     results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    report(results)
+    report(out, results)
 
 
-def report(results: list[dict]) -> None:
-    print()
-    print(f"{'configuration':<16} {'ZeRO':<6} {'method':<6} {'L':>5} {'B':>2} {'predicted GiB':>14} "
-          f"{'measured GiB':>13} {'pred/meas':>10}")
-    for r in results:
-        print(f"{r['name']:<16} {r['option']:<6} {r['method']:<6} {r['seq_len']:>5} {r['micro_batch']:>2} "
-              f"{r['predicted_bytes'] / GIB:>14.3f} {r['measured_bytes'] / GIB:>13.3f} {r['ratio']:>10.3f}")
+def report(out, results: list[dict]) -> None:
+    """The table of every configuration and the target; ``results`` go into the ``--json`` record."""
+    out.table(["configuration", "ZeRO", "method", "L", "B", "predicted GiB", "measured GiB", "pred/meas"],
+              [[r["name"], r["option"], r["method"], r["seq_len"], r["micro_batch"],
+                f"{r['predicted_bytes'] / GIB:.3f}", f"{r['measured_bytes'] / GIB:.3f}", f"{r['ratio']:.3f}"]
+               for r in results])
     worst = max(abs(r["ratio"] - 1) for r in results)
-    print(f"\ntarget (every prediction within 15% of the measurement): {'met' if worst <= 0.15 else 'NOT met'} "
-          f"(worst {100 * worst:.1f}%)")
-
+    out.line(f"\ntarget (every prediction within 15% of the measurement): {'met' if worst <= 0.15 else 'NOT met'} "
+             f"(worst {100 * worst:.1f}%)")
+    out.finish(results=results)
 
 if __name__ == "__main__":
     main()

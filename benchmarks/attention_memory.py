@@ -1,6 +1,6 @@
 """Peak memory of one attention forward+backward on a packed ALiBi row, before and after the float32 slopes.
 
-    python scripts/benchmark_attention_memory.py [--seq 4096] [--heads 40] [--head_dim 128] [--dtype bfloat16]
+    python benchmarks/attention_memory.py [--seq 4096] [--heads 40] [--head_dim 128] [--dtype bfloat16] [--json PATH]
 
 Each mode runs in its own process on CPU; the figure is the growth of peak RSS above what was held
 before (q, k, v). One packed row of ``--seq`` tokens holding conversations of 300-1500 tokens, ALiBi
@@ -20,21 +20,12 @@ FlashAttention varlen kernel never create (they take the sequence boundaries and
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+import common
 
 
 def packed_segments(seq: int) -> torch.Tensor:
@@ -66,7 +57,7 @@ def run_mode(mode: str, seq: int, heads: int, head_dim: int, dtype: torch.dtype)
     q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=dtype).requires_grad_() for _ in range(3))
     segments = packed_segments(seq)
     slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32)
-    baseline = rss_bytes()
+    baseline = common.rss_bytes()
     start = time.perf_counter()
     if mode in ("before", "bias_before"):
         bias = old_bias(segments, seq, dtype, slopes)
@@ -75,7 +66,7 @@ def run_mode(mode: str, seq: int, heads: int, head_dim: int, dtype: torch.dtype)
     if not mode.startswith("bias_"):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out.float().sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = common.peak_rss_bytes()
     return {"peak_growth_bytes": peak - baseline, "seconds": time.perf_counter() - start,
             "bias_bytes": bias.numel() * bias.element_size(), "conversations": int(segments.max())}
 
@@ -88,26 +79,31 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--modes", default="bias_before,bias_after,before,after")
     parser.add_argument("--_mode", help=argparse.SUPPRESS)
+    common.add_json_argument(parser)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args._mode:
         print(json.dumps(run_mode(args._mode, args.seq, args.heads, args.head_dim, dtype)))
         return
-    print(f"one packed row of {args.seq} tokens, {args.heads} heads x {args.head_dim}, ALiBi, {args.dtype}, CPU SDPA "
-          f"forward+backward; peak RSS growth above q, k, v")
+    report = common.Report(args)
+    report.line(f"one packed row of {args.seq} tokens, {args.heads} heads x {args.head_dim}, ALiBi, {args.dtype}, "
+                f"CPU SDPA forward+backward; peak RSS growth above q, k, v")
+    results = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--seq", str(args.seq), "--heads", str(args.heads),
-               "--head_dim", str(args.head_dim), "--dtype", args.dtype, "--_mode", mode]
-        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        print(f"{mode:<10} peak growth {r['peak_growth_bytes'] / 2**30:6.2f} GiB  ({r['seconds']:6.1f} s; "
-              f"{r['conversations']} conversations)")
+        results[mode] = common.run_child(__file__, ["--seq", str(args.seq), "--heads", str(args.heads),
+                                                    "--head_dim", str(args.head_dim), "--dtype", args.dtype,
+                                                    "--_mode", mode])
+    report.table(["mode", "peak growth GiB", "seconds", "conversations"],
+                 [[mode, f"{r['peak_growth_bytes'] / 2**30:.2f}", f"{r['seconds']:.1f}", r["conversations"]]
+                  for mode, r in results.items()])
     item = torch.finfo(dtype).bits // 8
     bias = args.heads * args.seq * args.seq * item
     mask = args.seq * args.seq
-    print(f"per packed row, never created by flex_attention / flash_attention_2: the ALiBi bias "
-          f"[1, {args.heads}, {args.seq}, {args.seq}] {args.dtype} = {bias / 2**30:.2f} GiB ({bias:,} bytes); "
-          f"for RoPE the bool mask [1, 1, {args.seq}, {args.seq}] = {mask / 2**20:.0f} MiB")
-
+    report.line()
+    report.line(f"per packed row, never created by flex_attention / flash_attention_2: the ALiBi bias "
+                f"[1, {args.heads}, {args.seq}, {args.seq}] {args.dtype} = {bias / 2**30:.2f} GiB ({bias:,} bytes); "
+                f"for RoPE the bool mask [1, 1, {args.seq}, {args.seq}] = {mask / 2**20:.0f} MiB")
+    report.finish(results=results)
 
 if __name__ == "__main__":
     main()

@@ -3,23 +3,17 @@
 Each mode runs in its own process; the figure is the growth of peak RSS during one forward and
 backward of the loss, above the memory held before it (hidden states and head weight).
 
-Usage: python scripts/benchmark_loss_memory.py [--seq 4096] [--vocab 125696] [--hidden 128 4096]
-       python scripts/benchmark_loss_memory.py --speed [--seq 2048] [--hidden 128] [--unsupervised 0.18 0.5]
+Usage: python benchmarks/loss_memory.py [--seq 4096] [--vocab 125696] [--hidden 128 4096] [--json PATH]
+       python benchmarks/loss_memory.py --speed [--seq 2048] [--hidden 128] [--unsupervised 0.18 0.5] [--json PATH]
 """
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+import common
 
 
 def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
@@ -33,14 +27,14 @@ def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
     labels = torch.randint(0, vocab, (seq,))
     labels[: seq // 4] = -100
     z = 1e-4
-    baseline = rss_bytes()
+    baseline = common.rss_bytes()
     if mode == "naive":
         logits = (h @ F.normalize(head.weight, dim=-1).T).float()
         loss = F.cross_entropy(logits, labels, ignore_index=-100) + z * logits.max(-1).values.pow(2).mean()
     else:
         loss = head(h, labels, CausalLMLoss(z_loss_weight=z))
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = common.peak_rss_bytes()
     return {
         "loss": loss.item(),
         "grad_h_sum": h.grad.double().abs().sum().item(),
@@ -49,15 +43,16 @@ def run_mode(mode: str, seq: int, vocab: int, hidden: int) -> dict:
     }
 
 
-def head_speed(seq: int, vocab: int, hidden: int, shares: list[float], repeats: int = 2) -> None:
+def head_speed(report, seq: int, vocab: int, hidden: int, shares: list[float], repeats: int = 2) -> list:
     """Forward+backward time of CausalLMLoss (z-loss 0: supervised rows only) against the same
     NormHeadLoss over every token, interleaved, best of ``repeats``."""
     import time
 
     from baichuan_finetune.objectives.losses import CausalLMLoss, NormHeadLoss
 
-    print(f"head loss over {seq} tokens, hidden {hidden}, vocab {vocab}, float32, CPU "
-          f"({torch.get_num_threads()} threads); best of {repeats}")
+    report.line(f"head loss over {seq} tokens, hidden {hidden}, vocab {vocab}, float32, CPU "
+                f"({torch.get_num_threads()} threads); best of {repeats}")
+    rows = []
     torch.manual_seed(0)
     weight = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
     for share in shares:
@@ -73,8 +68,9 @@ def head_speed(seq: int, vocab: int, hidden: int, shares: list[float], repeats: 
                 times[name].append(time.perf_counter() - start)
                 h.grad = weight.grad = None
         full, sup = min(times["all tokens"]), min(times["supervised only"])
-        print(f"unsupervised {share:4.0%}: all tokens {full:6.2f} s, supervised only {sup:6.2f} s, "
-              f"speed-up {full / sup:.2f}x (ideal {1 / (1 - share):.2f}x)")
+        rows.append([f"{share:.0%}", f"{full:.2f}", f"{sup:.2f}", f"{full / sup:.2f}x", f"{1 / (1 - share):.2f}x"])
+    report.table(["unsupervised", "all tokens s", "supervised only s", "speed-up", "ideal"], rows)
+    return rows
 
 
 def main() -> None:
@@ -87,30 +83,32 @@ def main() -> None:
     parser.add_argument("--unsupervised", type=float, nargs="+", default=[0.18, 0.5],
                         help="with --speed: shares of tokens whose label is -100")
     parser.add_argument("--_mode", help=argparse.SUPPRESS)
+    common.add_json_argument(parser)
     args = parser.parse_args()
-    if args.speed:
-        head_speed(args.seq, args.vocab, args.hidden[0], args.unsupervised)
-        return
     if args._mode:
         print(json.dumps(run_mode(args._mode, args.seq, args.vocab, args.hidden[0])))
         return
-    print(f"loss over {args.seq} tokens, vocab {args.vocab}, float32, CPU; peak RSS growth during forward+backward")
+    report = common.Report(args)
+    if args.speed:
+        head_speed(report, args.seq, args.vocab, args.hidden[0], args.unsupervised)
+        report.finish()
+        return
+    report.line(f"loss over {args.seq} tokens, vocab {args.vocab}, float32, CPU; peak RSS growth during forward+backward")
+    rows, raw = [], {}
     for hidden in args.hidden:
-        results = {}
-        for mode in ("naive", "chunked"):
-            cmd = [sys.executable, __file__, "--seq", str(args.seq), "--vocab", str(args.vocab)]
-            cmd += ["--hidden", str(hidden), "--_mode", mode]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[mode] = json.loads(out.strip().splitlines()[-1])
+        results = {mode: common.run_child(__file__, ["--seq", str(args.seq), "--vocab", str(args.vocab),
+                                                     "--hidden", str(hidden), "--_mode", mode])
+                   for mode in ("naive", "chunked")}
         n, c = results["naive"], results["chunked"]
         ratio = c["peak_growth_bytes"] / n["peak_growth_bytes"]
-        print(
-            f"hidden {hidden:5d}: naive {n['peak_growth_bytes'] / 2**30:6.2f} GiB, "
-            f"chunked {c['peak_growth_bytes'] / 2**30:6.2f} GiB, ratio {ratio:.3f}; "
-            f"|loss diff| {abs(n['loss'] - c['loss']):.2e}, "
-            f"grad sums rel diff h {abs(n['grad_h_sum'] - c['grad_h_sum']) / n['grad_h_sum']:.1e} "
-            f"w {abs(n['grad_w_sum'] - c['grad_w_sum']) / n['grad_w_sum']:.1e}"
-        )
+        rows.append([hidden, f"{n['peak_growth_bytes'] / 2**30:.2f}", f"{c['peak_growth_bytes'] / 2**30:.2f}",
+                     f"{ratio:.3f}", f"{abs(n['loss'] - c['loss']):.2e}",
+                     f"{abs(n['grad_h_sum'] - c['grad_h_sum']) / n['grad_h_sum']:.1e}",
+                     f"{abs(n['grad_w_sum'] - c['grad_w_sum']) / n['grad_w_sum']:.1e}"])
+        raw[hidden] = results
+    report.table(["hidden", "naive GiB", "chunked GiB", "ratio", "abs loss diff", "grad sum rel diff h",
+                  "grad sum rel diff w"], rows)
+    report.finish(results=raw)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training throughput of the three batching modes: official pad-to-max, dynamic padding, packing.
 
-    python scripts/benchmark_train.py [--train 24] [--eval 16] [--model_max_length 2048] [--threads 2]
+    python benchmarks/train.py [--train 64] [--eval 16] [--model_max_length 2048] [--threads 2] [--json PATH]
 
 One invocation, one process tree: this process builds a tiny Baichuan2 with the real 125,696-piece
 tokenizer (``../shared/baichuan2/tokenizer.model``), takes the first conversations of
@@ -25,11 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "fine-tune"))
-SHARED = REPO_ROOT.parent / "shared"
-TOKENIZER = SHARED / "baichuan2" / "tokenizer.model"
-DATA = SHARED / "data" / "medicalgpt_sharegpt_zh_1k.jsonl"
+import common
+from common import DATA, REPO_ROOT, TOKENIZER
 
 MODES = {
     "official": ["--padding", "max_length"],
@@ -77,8 +74,9 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2, help="OMP threads of each training process")
     parser.add_argument("--modes", default=",".join(MODES))
+    common.add_json_argument(parser)
     args = parser.parse_args()
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    report = common.Report(args)
     for path in (TOKENIZER, DATA):
         if not path.is_file():
             sys.exit(f"{path} is absent: the benchmark needs ../shared (real tokenizer and data)")
@@ -100,20 +98,20 @@ def main() -> None:
         model_dir = make_tiny_model(tmp / "model", tokenizer_model=TOKENIZER, model_max_length=args.model_max_length)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         cache = tmp / "cache"
-        report = prepare_data(DataArguments(data_path=str(tmp / "train.jsonl"), data_cache_dir=str(cache)),
-                              tokenizer, args.model_max_length).report
+        data_report = prepare_data(DataArguments(data_path=str(tmp / "train.jsonl"), data_cache_dir=str(cache)),
+                                   tokenizer, args.model_max_length).report
         eval_dataset = prepare_data(DataArguments(data_path=str(tmp / "eval.jsonl"), data_cache_dir=str(cache)),
                                     tokenizer, args.model_max_length).train_dataset
         packed = prepare_data(DataArguments(data_path=str(tmp / "train.jsonl"), data_cache_dir=str(cache),
                                             packing=True), tokenizer, args.model_max_length).train_dataset
-        pack_batch = max(1, round(args.batch_size * len(packed) / report.examples))
-        print(f"model: tiny Baichuan2 (hidden 128, 2 layers, vocab {tokenizer.vocab_size}), "
-              f"model_max_length {args.model_max_length}")
-        print(f"data: {DATA.name}: {report.examples} training conversations ({report.tokens} tokens, "
-              f"{report.supervised_tokens} supervised, {report.truncated} truncated), {len(eval_dataset)} held out; "
-              f"{len(packed)} packed rows")
-        print(f"batch: {args.batch_size} conversations per step (official, dynamic), {pack_batch} packed rows "
-              f"per step (packing); 1 epoch, lr {args.learning_rate}, {args.threads} threads per process")
+        pack_batch = max(1, round(args.batch_size * len(packed) / data_report.examples))
+        report.line(f"model: tiny Baichuan2 (hidden 128, 2 layers, vocab {tokenizer.vocab_size}), "
+                    f"model_max_length {args.model_max_length}")
+        report.line(f"data: {DATA.name}: {data_report.examples} training conversations ({data_report.tokens} "
+                    f"tokens, {data_report.supervised_tokens} supervised, {data_report.truncated} truncated), "
+                    f"{len(eval_dataset)} held out; {len(packed)} packed rows")
+        report.line(f"batch: {args.batch_size} conversations per step (official, dynamic), {pack_batch} packed rows "
+                    f"per step (packing); 1 epoch, lr {args.learning_rate}, {args.threads} threads per process")
 
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "BAICHUAN_FINETUNE_CACHE": str(cache)}
@@ -134,22 +132,24 @@ def main() -> None:
             results[name] = stats
 
     base = results.get("official")
-    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'mode':<9} {'sup tok/s':>10} {'all tok/s':>10} {'real share':>10} {'peak MiB':>9} "
-          f"{'eval loss':>10} {'x sup tok/s':>11} {'eval vs off':>11} {'train s':>8}")
+    report.line(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    rows = []
     for name, r in results.items():
         speedup = r["supervised_tokens_per_second"] / base["supervised_tokens_per_second"] if base else float("nan")
         loss_delta = r["eval_loss"] / base["eval_loss"] - 1 if base else float("nan")
-        print(f"{name:<9} {r['supervised_tokens_per_second']:>10.1f} {r['tokens_per_second']:>10.1f} "
-              f"{r['real_token_share']:>10.1%} {r['maxrss_mib']:>9.0f} {r['eval_loss']:>10.4f} "
-              f"{speedup:>10.2f}x {loss_delta:>+10.2%} {r['train_runtime']:>8.1f}")
+        rows.append([name, f"{r['supervised_tokens_per_second']:.1f}", f"{r['tokens_per_second']:.1f}",
+                     f"{r['real_token_share']:.1%}", f"{r['maxrss_mib']:.0f}", f"{r['eval_loss']:.4f}",
+                     f"{speedup:.2f}x", f"{loss_delta:+.2%}", f"{r['train_runtime']:.1f}"])
+    report.table(["mode", "sup tok/s", "all tok/s", "real share", "peak MiB", "eval loss", "x sup tok/s",
+                  "eval vs off", "train s"], rows)
     if base and "packing" in results:
         p = results["packing"]
         speedup = p["supervised_tokens_per_second"] / base["supervised_tokens_per_second"]
         delta = abs(p["eval_loss"] / base["eval_loss"] - 1)
         ok = speedup >= 3.0 and delta <= 0.02
-        print(f"\ntarget (packing >= 3x official supervised tokens/s, held-out loss within 2%): "
-              f"{'met' if ok else 'NOT met'} ({speedup:.2f}x, {delta:.2%})")
+        report.line(f"\ntarget (packing >= 3x official supervised tokens/s, held-out loss within 2%): "
+                    f"{'met' if ok else 'NOT met'} ({speedup:.2f}x, {delta:.2%})")
+    report.finish(results=results)
 
 
 if __name__ == "__main__":
