@@ -7,4 +7,4 @@ bash scripts/setup.sh --with-extras
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export DS_ACCELERATOR=cpu
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=15 "$@"
