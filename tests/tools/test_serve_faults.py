@@ -281,23 +281,12 @@ def test_sigterm_with_open_streams_stops_within_5_seconds(long_model_dir):
 
 def test_stuck_generation_is_reported_by_health(tiny_model_dir):
     """A model that stops producing tokens: /health says stuck with 503, then ok once it moves again."""
-    require("fastapi", "the API server needs fastapi and uvicorn (requirements-tools.txt)")
-    import uvicorn
-    from baichuan_finetune.tools.loading import load_model
-    from baichuan_finetune.tools.serve import create_app
-
-    model, tokenizer = load_model(tiny_model_dir)
     delay = {"seconds": 0.0}
-    # A real slowdown in the forward pass (a hook), as a hung device would look from outside.
-    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(delay["seconds"]))
-    app = create_app(model, tokenizer, "tiny", stuck_after=0.5)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base_url, lambda s: s["status"] is not None, timeout=30)
+
+    def slow_forward(model):  # a real slowdown in the forward pass (a hook), as a hung device would look from outside
+        model.register_forward_pre_hook(lambda module, args: time.sleep(delay["seconds"]))
+
+    with in_process_server(tiny_model_dir, on_model=slow_forward, stuck_after=0.5) as (base_url, _):
         assert health(base_url)[1]["status"] == "ok"
         delay["seconds"] = 1.5
         result: dict = {}
@@ -310,22 +299,20 @@ def test_stuck_generation_is_reported_by_health(tiny_model_dir):
         delay["seconds"] = 0.0
         request.join(30)
         assert wait_for_health(base_url, lambda s: s["status"] == "ok", timeout=5)["status"] == "ok"
-    finally:
-        handle.remove()
-        server.should_exit = True
-        thread.join(10)
-        app.state.service.close(timeout=5)
 
 
 @contextlib.contextmanager
-def in_process_server(model_dir, **app_options):
-    """The app of ``serve.create_app`` on a real uvicorn in a thread: its base URL and ``ChatService``."""
+def in_process_server(model_dir, on_model=None, **app_options):
+    """The app of ``serve.create_app`` on a real uvicorn in a thread: its base URL and ``ChatService``.
+    ``on_model(model)`` runs on the loaded model before the app is made (e.g. to slow its forward)."""
     require("fastapi", "the API server needs fastapi and uvicorn (requirements-tools.txt)")
     import uvicorn
     from baichuan_finetune.tools.loading import load_model
     from baichuan_finetune.tools.serve import create_app
 
     model, tokenizer = load_model(model_dir)
+    if on_model is not None:
+        on_model(model)
     app = create_app(model, tokenizer, "tiny", **app_options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
