@@ -25,6 +25,7 @@ from typing import Sequence
 
 from ..options import plan
 from ..core.errors import exit_code
+from ..core.json_files import JSONObjectError, read_json_object
 from .config import ConfigError, apply_config, is_config_path, read_config
 
 ZERO_CHOICES = {"auto": plan.OPTIONS, "2": ("zero2",), "3": ("zero3",), "3_offload": ("zero3_offload_optimizer",),
@@ -61,7 +62,7 @@ def build_parser(prog: str | None = "plan.py") -> _Parser:
     p.add_argument("--per_device_train_batch_size", type=int, default=1)
     p.add_argument("--packing", type=_bool, default=False)
     p.add_argument("--gradient_checkpointing", type=_bool, default=False)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="bf16", choices=sorted(plan.PRECISIONS))
     p.add_argument("--zero", default="auto", choices=list(ZERO_CHOICES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: predict per-process RSS growth of a CPU run (float32)")
@@ -94,8 +95,8 @@ def training_config_options(config: dict) -> dict:
                             else "fp16" if str(config.get("fp16", False)).lower() == "true" else "fp32")
     ds = config.get("deepspeed")
     try:
-        ds_config = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text()) if ds else None
-    except (OSError, ValueError):
+        ds_config = ds if isinstance(ds, dict) else read_json_object(ds) if ds else None
+    except JSONObjectError:  # unreadable: plan every ZeRO option instead
         ds_config = None
     if isinstance(ds_config, dict):
         option = plan.option_of_ds_config(ds_config)
@@ -119,9 +120,8 @@ def parse(argv: Sequence[str] | None = None, prog: str | None = "plan.py") -> ar
 def readme_table(seq_len: int) -> str:
     """The README's table: recommended option and predicted peak per GPU, bf16, micro-batch 1,
     activation checkpointing, 8 GPUs, `seq_len` tokens."""
-    files = {"zero2": "`ds_config_zero2.json`", "zero3": "`ds_config.json`",
-             "zero3_offload_optimizer": "`ds_config.json` + optimizer offload",
-             "zero3_offload_all": "`ds_config_zero3_offload.json`"}
+    files = {option: f"`{name}`" for option, name in plan.SHIPPED_CONFIG.items()}
+    files["zero3_offload_optimizer"] += " + optimizer offload"
     gpus = (80, 40, 24)
     rows = [f"| per GPU (8 GPUs, {seq_len} tokens, micro-batch 1, checkpointing, bf16) | "
             + " | ".join(f"8 x {g} GB" for g in gpus) + " |", "|---" * (len(gpus) + 1) + "|"]
