@@ -8,7 +8,7 @@ their outdated remote code.
 # The package's layers, lowest first: one folder each. A module imports only modules of its own folder
 # or of folders before it, without cycles; model/ imports nothing else (its files are copied next to
 # saved weights). tests/test_architecture.py reads this tuple and checks the import graph against it.
-LAYERS = ("model", "core", "objectives", "data", "options", "checkpoints", "training", "tools", "builder", "cli")
+LAYERS = ("model", "core", "objectives", "data", "options", "checkpoints", "evaluation", "training", "tools", "builder", "cli")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -13,14 +13,16 @@ from ..core.errors import ToolkitError, exit_code
 PROG = "baichuan-finetune"
 # Subcommand -> (module under baichuan_finetune.cli, one line of help). Order: as listed in --help.
 COMMANDS = {
-    "train": ("train", "fine-tune: SFT or DPO, LoRA/QLoRA/full, here or on N GPUs/nodes (DeepSpeed)"),
+    "train": ("train", "fine-tune: SFT, DPO or continued pre-training (pt), LoRA/QLoRA/full, here or on N GPUs/nodes"),
     "plan": ("plan", "which DeepSpeed config fits: memory per GPU and node, before launch (no torch)"),
     "inspect": ("inspect", "statistics and a preview of training data as the model sees it"),
     "merge": ("merge", "merge a LoRA adapter into its base model"),
     "chat": ("chat", "chat in the terminal with a model or adapter"),
     "serve": ("serve", "OpenAI-compatible chat API"),
     "web": ("web", "browser chat (the API plus a page)"),
-    "eval": ("eval", "k-shot multiple-choice evaluation (C-Eval, CMMLU, MMLU)"),
+    "eval": ("eval", "k-shot multiple-choice evaluation (C-Eval, CMMLU, MMLU), or --perplexity of raw text"),
+    "predict": ("predict", "batched generation on held-out prompts, BLEU/ROUGE, side-by-side report of models"),
+    "export": ("export", "GGUF (llama.cpp, Ollama, LM Studio), quantized, or GPTQ for vLLM"),
     "convert": ("convert", "normalise lm_head.weight offline (the official conversion)"),
     "quantize": ("quantize", "8/4-bit quantization: how to use it, and whether it runs here"),
     "make-tiny": ("make_tiny", "build the tiny Baichuan2 model (quickstart, tests, smoke runs)"),
