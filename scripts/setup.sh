@@ -3,14 +3,15 @@
 # Idempotent and fast when nothing changed: a stamp records the hash of requirements.txt and
 # pyproject.toml. Used by scripts/quickstart.sh, scripts/test.sh and .ci/run.
 # Environment: PYTHON (default python3), TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu).
-# --with-extras: also the tools/quantization extras and Debian's chromium (what the full test suite
-# needs; scripts/test.sh passes it).
+# --with-extras: also the tools/quantization/export extras and Debian's chromium (what the full test
+# suite needs; scripts/test.sh passes it). llama-cpp-python comes from the portable wheel kept under
+# tests/fixtures/wheels/ (see its SOURCES.md) instead of an 11-minute source build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 extras=()
 if [[ "${1:-}" == "--with-extras" ]]; then
-    extras=(requirements-tools.txt requirements-quant.txt)
+    extras=(requirements-tools.txt requirements-quant.txt requirements-export.txt)
     bash scripts/install_browser.sh || echo "setup: WARNING: chromium could not be installed; the browser test will skip" >&2
 fi
 
@@ -35,6 +36,11 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0]
 fi
 echo "setup: installing requirements.txt and this package (editable)"
 python -m pip install --quiet -r requirements.txt
+llama_wheel=(tests/fixtures/wheels/llama_cpp_python-*.whl)
+if [[ ${#extras[@]} -gt 0 && -f "${llama_wheel[0]}" ]]; then
+    echo "setup: installing ${llama_wheel[0]}"
+    python -m pip install --quiet --no-deps "${llama_wheel[0]}"
+fi
 for extra in "${extras[@]}"; do
     echo "setup: installing $extra"
     python -m pip install --quiet -r "$extra"

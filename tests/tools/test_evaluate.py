@@ -10,6 +10,7 @@ import pytest
 import torch
 from tools_helpers import SCRIPTS, make_lora_dir, script_env
 
+from baichuan_finetune.evaluation import multiple_choice as mc
 from baichuan_finetune.tools import evaluate as ev
 
 
@@ -27,20 +28,20 @@ def tiny(tiny_model_dir):
 
 
 def test_reads_cmmlu_layout(cmmlu_dir):
-    items = ev.read_items(cmmlu_dir / "dev" / "marketing.csv", ev.DEFAULT_COLUMNS)
+    items = mc.read_items(cmmlu_dir / "dev" / "marketing.csv", mc.DEFAULT_COLUMNS)
     assert len(items) == 5
     assert items[0].question == "市场营销组合4P中不包括下列哪一项"
     assert items[0].options[3] == "人员" and items[0].answer == 3  # D
-    assert ev.find_split(cmmlu_dir, None).name == "test"  # no val/ in CMMLU
-    assert ev.subject_names(cmmlu_dir, "zh")["marketing"] == "市场营销"
+    assert mc.find_split(cmmlu_dir, None).name == "test"  # no val/ in CMMLU
+    assert mc.subject_names(cmmlu_dir, "zh")["marketing"] == "市场营销"
 
 
 def test_prompt_format_is_the_official_one(tiny):
     _, tokenizer = tiny
-    shot = ev.Item("1+1=?", ("1", "2", "3", "4"), 1)
-    item = ev.Item("2+2=?", ("4", "5", "6", "7 "), None)
-    style = ev.PROMPT_STYLES["zh"]
-    ids, dropped, truncated = ev.build_prompt_ids(tokenizer, "数学", [shot], item, style, 512)
+    shot = mc.Item("1+1=?", ("1", "2", "3", "4"), 1)
+    item = mc.Item("2+2=?", ("4", "5", "6", "7 "), None)
+    style = mc.PROMPT_STYLES["zh"]
+    ids, dropped, truncated = mc.build_prompt_ids(tokenizer, "数学", [shot], item, style, 512)
     expected = ("以下是关于数学的单项选择题，请直接给出正确答案的选项。\n\n"
                 "题目：1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\n答案：B\n\n"
                 "题目：2+2=?\nA. 4\nB. 5\nC. 6\nD. 7\n答案：")
@@ -48,15 +49,15 @@ def test_prompt_format_is_the_official_one(tiny):
     assert (dropped, truncated) == (0, False)
     # Too long for the context: shots are dropped first, then the prompt is cut from the left.
     short = len(tokenizer.encode_plain_text(expected)) - 1
-    ids, dropped, truncated = ev.build_prompt_ids(tokenizer, "数学", [shot], item, style, short)
+    ids, dropped, truncated = mc.build_prompt_ids(tokenizer, "数学", [shot], item, style, short)
     assert dropped == 1 and not truncated and tokenizer.decode(ids).startswith("以下是关于数学")
-    ids, dropped, truncated = ev.build_prompt_ids(tokenizer, "数学", [shot], item, style, 10)
+    ids, dropped, truncated = mc.build_prompt_ids(tokenizer, "数学", [shot], item, style, 10)
     assert len(ids) == 10 and truncated and tokenizer.decode(ids).endswith("答案：")
 
 
 def test_letter_ids_follow_the_answer_cue(tiny):
     _, tokenizer = tiny
-    ids = ev.letter_token_ids(tokenizer, ev.PROMPT_STYLES["zh"])
+    ids = mc.letter_token_ids(tokenizer, mc.PROMPT_STYLES["zh"])
     assert [tokenizer.decode([i]) for i in ids] == ["A", "B", "C", "D"]
 
 
@@ -65,8 +66,8 @@ def test_left_padded_batches_score_like_single_prompts(tiny):
     texts = ["题目：短\n答案：", "以下是关于测试的单项选择题。\n\n题目：一个长得多的问题，用来产生很多左侧填充。\nA. 甲\nB. 乙\n答案：",
              "题目：中等长度的问题\n答案："]
     prompts = [tokenizer.encode_plain_text(t) for t in texts]
-    letters = ev.letter_token_ids(tokenizer, ev.PROMPT_STYLES["zh"])
-    assert ev.score_prompts(model, prompts, letters, batch_size=3) == ev.score_prompts(model, prompts, letters, 1)
+    letters = mc.letter_token_ids(tokenizer, mc.PROMPT_STYLES["zh"])
+    assert mc.score_prompts(model, prompts, letters, batch_size=3) == mc.score_prompts(model, prompts, letters, 1)
     # The logits themselves agree: left padding restarts positions and is masked.
     width = max(map(len, prompts))
     ids = torch.zeros((3, width), dtype=torch.long)
@@ -82,7 +83,7 @@ def test_left_padded_batches_score_like_single_prompts(tiny):
 
 def test_evaluate_cmmlu_subset(tiny, cmmlu_dir):
     model, tokenizer = tiny
-    report = ev.evaluate_task(model, tokenizer, cmmlu_dir, shots=5, limit=6, batch_size=4,
+    report = mc.evaluate_task(model, tokenizer, cmmlu_dir, shots=5, limit=6, batch_size=4,
                               subjects=["marketing", "computer_science"])
     assert set(report["subjects"]) == {"marketing", "computer_science"}
     for result in report["subjects"].values():
@@ -99,20 +100,20 @@ def test_mmlu_style_columns_and_index_answers(tiny, tmp_path):
         (tmp_path / split).mkdir()
         rows = ["Question,Opt1,Opt2,Opt3,Opt4,Label"] + [f"What is {i}+{i}?,{2*i},{i},0,1,{i % 4}" for i in range(4)]
         (tmp_path / split / f"arithmetic_{split}.csv").write_text("\n".join(rows) + "\n")
-    columns = ev.parse_columns("question=Question,A=Opt1,B=opt2,C=OPT3,D=Opt4,answer=Label")
-    report = ev.evaluate_task(model, tokenizer, tmp_path, shots=2, columns=columns, answer_format="index",
+    columns = mc.parse_columns("question=Question,A=Opt1,B=opt2,C=OPT3,D=Opt4,answer=Label")
+    report = mc.evaluate_task(model, tokenizer, tmp_path, shots=2, columns=columns, answer_format="index",
                               prompt_style="en")
     assert report["split"] == "test" and report["subjects"]["arithmetic"]["total"] == 4
-    items = ev.read_items(tmp_path / "test" / "arithmetic_test.csv", columns, "index")
+    items = mc.read_items(tmp_path / "test" / "arithmetic_test.csv", columns, "index")
     assert [i.answer for i in items] == [0, 1, 2, 3]
     # Headerless files (original MMLU) by position.
     (tmp_path / "raw.csv").write_text("What?,a,b,c,d,C\n")
-    positions = ev.parse_columns("question=0,A=1,B=2,C=3,D=4,answer=5")
-    assert ev.read_items(tmp_path / "raw.csv", positions, header=False)[0].answer == 2
+    positions = mc.parse_columns("question=0,A=1,B=2,C=3,D=4,answer=5")
+    assert mc.read_items(tmp_path / "raw.csv", positions, header=False)[0].answer == 2
     with pytest.raises(ValueError, match="not A-D"):
-        ev.read_items(tmp_path / "test" / "arithmetic_test.csv", columns, "letter")
+        mc.read_items(tmp_path / "test" / "arithmetic_test.csv", columns, "letter")
     with pytest.raises(ValueError, match="bad --columns"):
-        ev.parse_columns("prompt=Q")
+        mc.parse_columns("prompt=Q")
 
 
 def test_script_on_a_lora_directory(tiny_model_dir, cmmlu_dir, tmp_path):
@@ -182,7 +183,7 @@ def write_layout(root: Path, kind: str) -> Path:
 def test_common_layouts_need_no_flags(tiny, tmp_path, kind, detected, style):
     model, tokenizer = tiny
     root = write_layout(tmp_path / kind, kind)
-    report = ev.evaluate_task(model, tokenizer, root, shots=2)
+    report = mc.evaluate_task(model, tokenizer, root, shots=2)
     result = report["subjects"]["arithmetic"]
     assert result["layout"] == detected and report["prompt_style"] == style
     assert result["targets"] == ["A", "B", "C", "D"] and result["total"] == 4
@@ -190,7 +191,7 @@ def test_common_layouts_need_no_flags(tiny, tmp_path, kind, detected, style):
 
 
 def test_cmmlu_fixture_is_detected(cmmlu_dir):
-    assert ev.detect_layout(cmmlu_dir / "test" / "marketing.csv").kind == "CMMLU CSV"
+    assert mc.detect_layout(cmmlu_dir / "test" / "marketing.csv").kind == "CMMLU CSV"
 
 
 @pytest.mark.parametrize("header, expected", [
@@ -202,8 +203,8 @@ def test_unknown_or_ambiguous_layout_fails_before_the_model_loads(tiny_model_dir
     for folder in ("dev", "test"):
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / "x.csv").write_text(header + "\n" + ",".join(["1"] * len(header.split(","))) + "\n")
-    with pytest.raises(ev.EvalDataError, match="unknown|ambiguous") as info:
-        ev.detect_layout(tmp_path / "test" / "x.csv")
+    with pytest.raises(mc.EvalDataError, match="unknown|ambiguous") as info:
+        mc.detect_layout(tmp_path / "test" / "x.csv")
     assert expected in str(info.value) and str(tmp_path / "test" / "x.csv") in str(info.value)
     # The script says it in one line, before the model loads (no "Loading weights" progress).
     result = subprocess.run([sys.executable, str(SCRIPTS / "evaluate.py"), "--model", str(tiny_model_dir),
@@ -217,22 +218,22 @@ def test_unknown_or_ambiguous_layout_fails_before_the_model_loads(tiny_model_dir
 def test_json_layout_errors_name_the_record(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "q", "choices": ["a", "b", "c"], "answer": 0}) + "\n")
-    with pytest.raises(ev.EvalDataError, match=r"q.jsonl: record 1: choices must be a list of 4"):
-        ev.read_json_items(path)
+    with pytest.raises(mc.EvalDataError, match=r"q.jsonl: record 1: choices must be a list of 4"):
+        mc.read_json_items(path)
     path.write_text(json.dumps({"question": "q", "choices": list("abcd"), "answer": 7}) + "\n")
-    with pytest.raises(ev.EvalDataError, match="answer 7 is not 0-3 or A-D"):
-        ev.read_json_items(path)
+    with pytest.raises(mc.EvalDataError, match="answer 7 is not 0-3 or A-D"):
+        mc.read_json_items(path)
     path.write_text(json.dumps({"prompt": "q"}) + "\n")
-    with pytest.raises(ev.EvalDataError, match="first record keys: prompt"):
-        ev.detect_layout(path)
+    with pytest.raises(mc.EvalDataError, match="first record keys: prompt"):
+        mc.detect_layout(path)
 
 
 def test_real_tokenizer_letters(tiny_real_vocab_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_real_vocab_model_dir))
-    for style in ev.PROMPT_STYLES.values():
-        ids = ev.letter_token_ids(tokenizer, style)
+    for style in mc.PROMPT_STYLES.values():
+        ids = mc.letter_token_ids(tokenizer, style)
         assert [tokenizer.decode([i]).strip() for i in ids] == ["A", "B", "C", "D"]
 
 
@@ -278,7 +279,7 @@ def test_accuracy_is_the_argmax_of_the_letter_logits(tiny, tmp_path):
         (tmp_path / split).mkdir()
         lines = ["id,question,A,B,C,D,answer"] + [f"{i},{q},{','.join(o)},{a}" for i, (q, o, a) in enumerate(rows)]
         (tmp_path / split / f"arith_{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    report = ev.evaluate_task(model, tokenizer, tmp_path, shots=1, batch_size=3)  # left-padded batches
+    report = mc.evaluate_task(model, tokenizer, tmp_path, shots=1, batch_size=3)  # left-padded batches
     result = report["subjects"]["arith"]
     assert result["predictions"] == expected
     assert result["correct"] == (len(RIGGED) + 1) // 2 and result["accuracy"] == pytest.approx(0.5)
@@ -324,6 +325,6 @@ def test_task_problems_are_refused_before_scoring(tiny, tmp_path, case, expected
         (root / "subject_mapping.json").write_text('{"arithmetic": ["Arithmetic", "算术"],')
     else:
         (root / "subject_mapping.json").write_text('{"arithmetic": 7}')
-    with pytest.raises(ev.EvalDataError) as info:
-        ev.evaluate_task(model, tokenizer, root, shots=1)
+    with pytest.raises(mc.EvalDataError) as info:
+        mc.evaluate_task(model, tokenizer, root, shots=1)
     assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)

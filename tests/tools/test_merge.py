@@ -171,7 +171,7 @@ def test_fine_tune_lora_output_through_all_tools(tiny_model_dir, fixtures_dir, t
         stop_server(proc)
 
     # evaluation
-    from baichuan_finetune.tools.evaluate import evaluate_task
+    from baichuan_finetune.evaluation.multiple_choice import evaluate_task
 
     report = evaluate_task(peft_model, tokenizer, fixtures_dir / "multiple_choice" / "cmmlu_layout", shots=2, limit=2,
                            subjects=["marketing"])

@@ -326,12 +326,56 @@ CASES = [
      "arith_dev.csv: dev question 1 has no answer"),
     ("eval-bad-subject-mapping", lambda p: ["evaluate", "--model", p.base, "--task_dir", p.task_bad_mapping], 1,
      "subject_mapping.json: unreadable"),
+    # --- predict.py
+    ("predict-no-prompts", lambda p: predict(p, prompts_file(p, "blank.txt", "\n  \n")), 1, "blank.txt: no prompts"),
+    ("predict-empty-prompt", lambda p: predict(p, prompts_file(p, "p.jsonl", '{"prompt": "1+1?"}\n{"prompt": " "}\n')), 1,
+     "p.jsonl line 2: prompt: empty prompt"),
+    ("predict-empty-last-user-turn", lambda p: predict(p, prompts_file(p, "c.json", json.dumps(
+        [{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "2"}]}]))), 1,
+     "c.json record 0: empty prompt"),
+    ("predict-model-not-a-model", lambda p: predict(p, prompts_file(p, "p.txt", "1+1?\n"), model=p.empty_dir), 2,
+     "neither adapter_config.json"),
+    ("predict-second-model-truncated", lambda p: predict(p, prompts_file(p, "p.txt", "1+1?\n"), "--model",
+                                                         p.truncated_weights), 2, "truncated"),
+    ("predict-more-processes-than-prompts", lambda p: predict(p, prompts_file(p, "p.txt", "1+1?\n2+2?\n"),
+                                                              "--num_gpus", "3"), 2,
+     "--num_gpus 3 is more than the 2 prompt(s)"),
+    ("predict-batch-size-zero", lambda p: predict(p, prompts_file(p, "p.txt", "1+1?\n"), "--batch_size", "0"), 2,
+     "--batch_size 0"),
+    ("predict-data-missing", lambda p: predict(p, p.missing), 1, "does-not-exist: no such file"),
+    # --- export.py (GGUF)
+    ("export-model-missing", lambda p: ["export", "--model", p.missing, "--output", p.out], 2,
+     "does-not-exist: no such directory"),
+    ("export-model-not-a-model", lambda p: ["export", "--model", p.empty_dir, "--output", p.out], 2,
+     "neither adapter_config.json (LoRA adapter) nor config.json (model) found"),
+    ("export-model-truncated", lambda p: ["export", "--model", p.truncated_weights, "--output", p.out], 2, "truncated"),
+    ("export-adapter-base-moved", lambda p: ["export", "--model", p.lora_missing_base, "--output", p.out], 2,
+     "moved-away is not a directory"),
+    ("export-unknown-quant", lambda p: ["export", "--model", p.base, "--output", p.out, "--quant", "q4km"], 2,
+     "--quant 'q4km': unknown type (did you mean q4_k_m?)"),
+    ("export-output-exists", lambda p: ["export", "--model", p.base, "--output", p.out_file], 2,
+     "exists: pass --overwrite to replace it"),
+    ("export-output-is-a-dir", lambda p: ["export", "--model", p.base, "--output", p.nonempty_out], 2,
+     "is a directory: name the .gguf file to write"),
+    ("export-gptq-refused", lambda p: ["export", "--model", p.base, "--output", p.out, "--format", "gptq"], 2,
+     "--format gptq needs gptqmodel"),
 ]
+
+
+def prompts_file(p: Paths, name: str, text: str) -> Path:
+    path = p.root / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def predict(p: Paths, data: Path, *flags, model: Path | None = None) -> list:
+    """predict on the good base model (or `model`) with `data` as the prompts, writing to p.out."""
+    return ["predict", "--model", model or p.base, "--data", data, "--output_dir", p.out, *flags]
 
 
 @pytest.fixture(scope="module")
 def scripts():
-    return {name: load_script(name) for name in ("cli_demo", "merge_lora", "evaluate")}
+    return {name: load_script(name) for name in ("cli_demo", "merge_lora", "evaluate", "predict", "export")}
 
 
 def snapshot(path: Path):
@@ -358,7 +402,9 @@ def test_bad_input_is_one_line(case, scripts, tiny_model_dir, good_lora, tmp_pat
 
     # Refused before loading: any load would fail the test (scripts import load_model by name).
     for module in (loading, scripts[tool], sys.modules.get("baichuan_finetune.tools.merge"),
-                   sys.modules.get("baichuan_finetune.tools.evaluate")):
+                   sys.modules.get("baichuan_finetune.tools.evaluate"),
+                   sys.modules.get("baichuan_finetune.tools.predict"),
+                   sys.modules.get("baichuan_finetune.tools.export")):
         if module is not None and hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", no_loading)
     monkeypatch.setattr(sys, "argv", [f"{tool}.py"])  # argparse's prog, as when run as a script

@@ -194,6 +194,9 @@ def hub_id_not_cached(ctx: Ctx) -> list[str]:
     return ctx.args(model="no-such-org/no-such-model")
 
 
+# Evaluations during training (what --eval_generation_file and --eval_mc_dir need).
+WATCH = ("--eval_strategy", "steps", "--eval_steps", 1, "--val_size", 1)
+
 # (id, exit code, expected text in the one error line, how to build the command line, mode)
 ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
     # --- flags (today's known bad flags) ---
@@ -390,6 +393,68 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
          {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}))), ""),
     ("data-cache-dir-is-file", 1, "cachefile: not a directory (--data_cache_dir",
      lambda c: c.args("--data_cache_dir", c.file("cachefile", "not a directory")), ""),
+    # --- continued pre-training and mixing (docs/pretraining.md) ---
+    ("pt-empty-file", 1, "empty.txt: empty file",
+     lambda c: c.args("--stage", "pt", data=c.file("empty.txt", "")), ""),
+    ("pt-binary-file", 1, "blob.txt: a binary file (a NUL byte at byte 3)",
+     lambda c: c.args("--stage", "pt", data=c.file("blob.txt", b"PK\x03\x00\x14\x00binary")), SUB),
+    ("pt-text-not-a-string", 1, "t.jsonl:2: text: is a JSON number, expected a string",
+     lambda c: c.args("--stage", "pt", data=c.file("t.jsonl", '{"text": "a document"}\n{"text": 42}\n')), ""),
+    ("pt-text-field-missing", 1, "t.jsonl:1: body: missing (the record's keys: text",
+     lambda c: c.args("--stage", "pt", "--text_field", "body", data=c.file("t.jsonl", '{"text": "a"}\n')), ""),
+    ("pt-source-missing", 1, "nope.txt: no such file or directory",
+     lambda c: c.args("--stage", "pt", data=f"{c.file('a.txt', 'one document')},{c.tmp / 'nope.txt'}"), ""),
+    ("pt-flag-without-stage", 2, "--pt_cross_document: a raw-text flag; add --stage pt",
+     lambda c: c.args("--pt_cross_document", True), ""),
+    ("mix-weight-not-a-number", 2, "good.json: weight 'lots' is not a number",
+     lambda c: c.args("--mix_strategy", "interleave_under", data=f"{c.data}:lots,{c.data}:1"), ""),
+    ("mix-weights-sum-to-zero", 2, "the weights sum to 0",
+     lambda c: c.args("--mix_strategy", "interleave_under", data=f"{c.data}:0,{c.file('b.json', [GOOD])}:0"), ""),
+    ("mix-weight-negative", 2, "weight -1: must be a finite number >= 0",
+     lambda c: c.args("--mix_strategy", "interleave_over", data=f"{c.data}:-1,{c.data}:1"), ""),
+    ("mix-weights-partial", 2, "no weight, but other sources have one",
+     lambda c: c.args("--mix_strategy", "interleave_under", data=f"{c.data}:0.5,{c.file('b.json', [GOOD])}"), ""),
+    ("mix-weights-with-concat", 2, "--data_path has weights, but --mix_strategy concat",
+     lambda c: c.args(data=f"{c.data}:0.5,{c.file('b.json', [GOOD])}:0.5"), ""),
+    ("mix-source-missing", 1, "nope.json: no such file or directory",
+     lambda c: c.args("--mix_strategy", "interleave_under", data=f"{c.data}:0.5,{c.tmp / 'nope.json'}:0.5"), ""),
+    ("streaming-without-max-steps", 2, "--streaming True: needs --max_steps N",
+     lambda c: c.args("--streaming", True), ""),
+    ("streaming-with-val-size", 2, "--streaming True: --val_size would hold examples out",
+     lambda c: c.args("--streaming", True, "--max_steps", 2, "--val_size", 0.1), ""),
+    ("streaming-dpo", 2, "--streaming True: not supported with --stage dpo",
+     lambda c: c.args("--streaming", True, "--max_steps", 2, "--stage", "dpo"), ""),
+    # Read before the model loads (the summary's sample), not when training reaches the file.
+    ("streaming-binary-source", 1, "blob.txt: a binary file (a NUL byte at byte 3)",
+     lambda c: c.args("--streaming", True, "--max_steps", 2, "--stage", "pt", "--mix_strategy", "interleave_under",
+                      data=f"{c.file('a.txt', 'one document')}:1," + str(c.file("blob.txt", b"PK\x03\x00\x14")) + ":1"),
+     ""),
+    ("streaming-empty-source", 1, "empty.jsonl: empty file",
+     lambda c: c.args("--streaming", True, "--max_steps", 2, data=f"{c.data},{c.file('empty.jsonl', '')}"), ""),
+    # --- watching generation and forgetting during training (training/generation_eval.py) ---
+    ("eval-generation-file-missing", 2, "--eval_generation_file", lambda c: c.args(*WATCH,
+     "--eval_generation_file", c.tmp / "nope.jsonl"), ""),
+    ("eval-generation-samples-0", 2, "--eval_generation_samples 0: must be at least 1",
+     lambda c: c.args(*WATCH, "--eval_generation_file", c.file("p.txt", "hi"), "--eval_generation_samples", 0), ""),
+    ("eval-generation-samples-alone", 2, "--eval_generation_samples: needs --eval_generation_file",
+     lambda c: c.args(*WATCH, "--eval_generation_samples", 4), ""),
+    ("eval-generation-no-evaluations", 2, "--eval_generation_file: runs at each evaluation; add --eval_strategy",
+     lambda c: c.args("--eval_generation_file", c.file("p.txt", "hi")), ""),
+    ("eval-generation-no-eval-set", 2, "an evaluation set (--val_size or --eval_data_path)",
+     lambda c: c.args("--eval_strategy", "steps", "--eval_generation_file", c.file("p.txt", "hi")), ""),
+    ("eval-generation-no-prompts", 1, "--eval_generation_file: ", lambda c: c.args(*WATCH,
+     "--eval_generation_file", c.file("p.txt", "\n  \n")), ""),
+    ("eval-generation-empty-prompt", 1, "empty prompt", lambda c: c.args(*WATCH,
+     "--eval_generation_file", c.file("p.jsonl", '{"prompt": "hi"}\n{"prompt": " "}\n')), ""),
+    ("eval-mc-dir-missing", 2, "--eval_mc_dir", lambda c: c.args(*WATCH, "--eval_mc_dir", c.tmp / "nope"), ""),
+    ("max-mc-drop-alone", 2, "--max_mc_drop: needs --eval_mc_dir", lambda c: c.args(*WATCH, "--max_mc_drop", 5), ""),
+    ("max-mc-drop-negative", 2, "--max_mc_drop -5.0: must be accuracy points in (0, 100]",
+     lambda c: c.args(*WATCH, "--eval_mc_dir", c.tmp, "--max_mc_drop", -5), ""),
+    ("eval-mc-no-split", 1, "has neither val/ nor test/", lambda c: c.args(*WATCH, "--eval_mc_dir", c.tmp), ""),
+    ("eval-mc-bad-answer", 1, "quiz_val.csv:2: answer 'E' is not A-D", lambda c: c.args(*WATCH, "--eval_mc_dir",
+     c.file("mc/val/quiz_val.csv", "question,A,B,C,D,answer\nq,a,b,c,d,E\n").parent.parent, "--eval_mc_shots", 0), ""),
+    ("eval-mc-shots-without-dev", 1, "has no file for quiz (5-shot needs one)", lambda c: c.args(*WATCH,
+     "--eval_mc_dir", c.file("mc/val/quiz_val.csv", "question,A,B,C,D,answer\nq,a,b,c,d,A\n").parent.parent), ""),
 ]
 
 if torch.cuda.is_available():

@@ -21,21 +21,24 @@ from typing import Any
 
 from . import fingerprint
 from ..options.arguments import RESUME_IGNORABLE, Arguments, UsageError
-from ..data.records import expand_data_paths
+from ..data.mixing import data_files
 
 RUN_RECORD = "run_record.json"
 VERSION = 1
 
 
-def _data_files(spec: str | None) -> list[str]:
-    return [os.path.abspath(p) for p in expand_data_paths(spec)] if spec else []
+def _data_files(spec: str | None, stage: str = "sft") -> list[str]:
+    """The files of a data path, absolute, each with its source's ``:weight`` when the mix has weights."""
+    if not spec:
+        return []
+    return [os.path.abspath(p) + ("" if w is None else f":{w:g}") for p, w in data_files(spec, stage)]
 
 
 def data_content(args: Arguments) -> str:
     """sha256 over the contents of the training and evaluation files, in order (not names or dates)."""
     h = hashlib.sha256()
     for name, spec in (("train", args.data.data_path), ("eval", args.data.eval_data_path)):
-        for path in _data_files(spec):
+        for path, _ in data_files(spec, args.training.stage) if spec else []:
             with open(path, "rb") as f:
                 h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
@@ -51,14 +54,18 @@ def run_record(args: Arguments, base_model: str) -> dict[str, Any]:
         "lora_r": lora.lora_r if lora.use_lora else None,
         "lora_target_modules": _targets(lora) if lora.use_lora else None,
         "lora_alpha": lora.lora_alpha if lora.use_lora else None,
-        "data_path": ",".join(_data_files(d.data_path)),
-        "eval_data_path": ",".join(_data_files(d.eval_data_path)) or None,
+        "data_path": ",".join(_data_files(d.data_path, t.stage)),
+        "eval_data_path": ",".join(_data_files(d.eval_data_path, t.stage)) or None,
         "data_content": data_content(args),
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "world_size": t.world_size,
         "model_max_length": t.model_max_length,
         "packing": d.packing,
+        # None for one source read whole and for SFT/DPO (older records lack these keys: None there too).
+        "mix_strategy": f"{d.mix_strategy} seed {t.seed if d.mix_seed is None else d.mix_seed}"
+        if d.mix_strategy != "concat" else None,
+        "pt_rows": ("cross_document" if d.pt_cross_document else "per_document") if t.stage == "pt" else None,
     }
     try:
         base = fingerprint.compute_fingerprint(base_model)

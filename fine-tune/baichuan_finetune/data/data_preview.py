@@ -31,18 +31,20 @@ def inspect_data(
     preview: int = 3,
     dump: str | None = None,
     color: bool = False,
+    stage: str = "sft",
 ) -> str:
     """Statistics and a preview of the first examples as text; with `dump`, write every kept example
     (unpadded ``input_ids`` and ``labels``, input order) as one JSON object per line.
 
-    Raises `DataError` as `prepare_data` does.
+    ``stage="pt"`` reads raw-text documents (`prepare_data`'s pt rows: every token but a segment's
+    first is a target). Raises `DataError` as `prepare_data` does.
     """
-    prepared = prepare_data(data_args, tokenizer, model_max_length)
+    prepared = prepare_data(data_args, tokenizer, model_max_length, stage=stage)
     report = prepared.report
     # The report's "longest" figure assumed batches of 8. When the training set holds the examples
     # themselves (not packed rows, not a split), measure it again for `batch_size`; the packed row
     # count of those same examples is already in the report.
-    if not data_args.packing and not data_args.val_size and not data_args.eval_data_path:
+    if stage != "pt" and not data_args.packing and not data_args.val_size and not data_args.eval_data_path:
         report.efficiency, report.packed_rows = padding_efficiency(
             np.asarray(prepared.train_dataset["length"]), model_max_length, batch_size,
             packed_rows=report.packed_rows)

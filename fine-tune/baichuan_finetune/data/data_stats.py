@@ -36,6 +36,12 @@ class DataReport:
     eval_examples: int = 0
     from_cache: bool = False
     cache_dir: str = ""
+    stage: str = "sft"  # "pt": examples are documents, every token a target, always packed
+    mix_strategy: str = "concat"
+    mix_seed: int = 0
+    # Per source of --data_path: path, weight, read (records/documents), examples and tokens in the mix.
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    split_documents: int = 0  # pt: documents longer than a row, split into pieces (never truncated)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (stored next to the cached data)."""
@@ -51,17 +57,33 @@ class DataReport:
         lines = ["Data:"]
         for path, fmt in self.files.items():
             lines.append(f"  file {path} ({fmt})")
-        lines.append(f"  records read: {self.records}; kept examples: {self.examples} "
-                     f"(train {self.train_examples}, eval {self.eval_examples})")
+        what = "documents" if self.stage == "pt" else "examples"
+        lines.append(f"  {'documents' if self.stage == 'pt' else 'records'} read: {self.records}; kept {what}: "
+                     f"{self.examples} (train {self.train_examples}, eval {self.eval_examples})")
+        lines.extend(self.format_sources())
         for title, counts in (("skipped bad records", self.bad_records), ("dropped", self.dropped)):
             if counts:
                 lines.append(f"  {title}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())))
+        share = self.supervised_tokens / self.tokens if self.tokens else 0.0
+        if self.stage == "pt":
+            lines.append(f"  split into pieces of at most {self.model_max_length} tokens (not truncated): "
+                         f"{self.split_documents} document(s)")
+            if self.length_percentiles:
+                p = self.length_percentiles
+                lines.append(f"  tokens per document (with eos): p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, "
+                             f"max {p['max']}")
+            lines.append(f"  tokens: {self.tokens}, targets: {self.supervised_tokens} ({share:.1%}; the first "
+                         "token of each row segment has nothing before it to predict it)")
+            fill = self.efficiency.get("packing", 0.0)
+            lines.append(f"  packed rows: {self.packed_rows}, filled {fill:.1%} (real tokens per row slot)")
+            if self.cache_dir:
+                lines.append(f"  cache: {self.cache_dir} ({'reused' if self.from_cache else 'written'})")
+            return "\n".join(lines)
         lines.append(f"  truncated to {self.model_max_length} tokens: {self.truncated}")
         if self.length_percentiles:
             p = self.length_percentiles
             lines.append(f"  tokens per example (before truncation): p50 {p['p50']}, p90 {p['p90']}, "
                          f"p99 {p['p99']}, max {p['max']}")
-        share = self.supervised_tokens / self.tokens if self.tokens else 0.0
         lines.append(f"  tokens: {self.tokens}, supervised: {self.supervised_tokens} ({share:.1%})")
         if self.efficiency:
             eff = self.efficiency
@@ -73,6 +95,23 @@ class DataReport:
         if self.cache_dir:
             lines.append(f"  cache: {self.cache_dir} ({'reused' if self.from_cache else 'written'})")
         return "\n".join(lines)
+
+
+    def format_sources(self) -> list[str]:
+        """One line per source of a mix (none for a single source read whole): what was read from it,
+        and its realised share of the mixed examples and tokens."""
+        if len(self.sources) < 2 and self.mix_strategy == "concat":
+            return []
+        unit = "documents" if self.stage == "pt" else "records"
+        examples = sum(s["examples"] for s in self.sources) or 1
+        tokens = sum(s["tokens"] for s in self.sources) or 1
+        seed = "" if self.mix_strategy == "concat" else f", seed {self.mix_seed}"
+        lines = [f"  mix ({self.mix_strategy}{seed}):"]
+        for s in self.sources:
+            weight = "" if s["weight"] is None else f" (weight {s['weight']:g})"
+            lines.append(f"    {s['path']}{weight}: {s['read']} {unit} read, {s['examples']} in the mix "
+                         f"({s['examples'] / examples:.1%}), {s['tokens']} tokens ({s['tokens'] / tokens:.1%})")
+        return lines
 
 
 def length_percentiles(lengths: np.ndarray) -> dict[str, int]:

@@ -27,7 +27,8 @@ from datasets import Dataset
 from .collator import DataCollator
 from .encoding import turn_labels
 from ..model.modeling_baichuan import IGNORE_INDEX
-from .preprocess import split_sizes
+from .mixing import mix_order, parse_data_sources
+from .preprocess import mix_seed, split_sizes
 from .records import (
     _OPENAI_EXPECTED,
     _OPENAI_ROLES,
@@ -268,13 +269,39 @@ def _dropped_text(dropped: dict[str, list[str]]) -> str:
     return ", ".join(f"{len(sources)} {reason}" for reason, sources in sorted(dropped.items()))
 
 
+def read_mixed_pairs(data_args: Any, seed: int) -> tuple[PairReadResult, list[str]]:
+    """The pairs of every source of ``--data_path``, mixed by ``--mix_strategy`` (`mixing.mix_order`), and
+    one report line per source when there are several."""
+    sources = parse_data_sources(data_args.data_path)
+    parts = [read_pairs(s.path, "skip") for s in sources]
+    result = PairReadResult()
+    for part in parts:
+        result.bad_records.extend(part.bad_records)
+        result.formats.update(part.formats)
+    if result.bad_records and data_args.on_bad_record == "error":
+        raise bad_records_error(result.bad_records)
+    weights = None if sources[0].weight is None else [s.weight for s in sources]
+    strategy = getattr(data_args, "mix_strategy", "concat") if len(sources) > 1 else "concat"
+    order = mix_order([len(p.pairs) for p in parts], weights, strategy, mix_seed(data_args, seed))
+    result.pairs = [parts[s].pairs[i] for s, i in order]
+    lines = []
+    if len(sources) > 1:
+        counts = np.bincount(np.array([s for s, _ in order], dtype=np.int64), minlength=len(sources))
+        lines.append(f"  mix ({strategy}, seed {mix_seed(data_args, seed)}):")
+        for source, part, n in zip(sources, parts, counts):
+            weight = "" if source.weight is None else f" (weight {source.weight:g})"
+            lines.append(f"    {source.path}{weight}: {len(part.pairs) + len(part.bad_records)} records read, "
+                         f"{n} in the mix ({n / max(1, len(order)):.1%})")
+    return result, lines
+
+
 def prepare_pairs(data_args: Any, tokenizer: Any, model_max_length: int, seed: int = 42) -> PreparedPairs:
     """Read, check, encode and split preference pairs (every process does it: pairs are few).
 
     Raises `DataError` as `preprocess.prepare_data` does (bad records in "error" mode, no pair left).
     """
     encoder = PlainTextEncoder(getattr(tokenizer, "sp_model", tokenizer))
-    read = read_pairs(data_args.data_path, data_args.on_bad_record)
+    read, mix_lines = read_mixed_pairs(data_args, seed)
     train, dropped = encode_pairs(encoder, read.pairs, model_max_length)
     if not train:
         why = f" (dropped: {_dropped_text(dropped)} at --model_max_length {model_max_length})" if dropped else ""
@@ -295,7 +322,7 @@ def prepare_pairs(data_args: Any, tokenizer: Any, model_max_length: int, seed: i
     bad: dict[str, int] = {}
     for b in read.bad_records:
         bad[b.reason] = bad.get(b.reason, 0) + 1
-    lines = ["Preference data:"] + [f"  file {p} ({f})" for p, f in read.formats.items()]
+    lines = ["Preference data:"] + [f"  file {p} ({f})" for p, f in read.formats.items()] + mix_lines
     lines.append(f"  records read: {len(read.pairs) + len(read.bad_records)}; pairs: train {len(train)}, "
                  f"eval {len(eval_pairs)}")
     if bad:

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -41,11 +41,15 @@ from datasets import Dataset
 from .collator import DataCollator, pack_arrays
 from .data_stats import DataReport, length_percentiles, padding_efficiency
 from .encoding import EncodedChunk, encode_conversations
+from .mixing import Source, mix_order, parse_data_sources, source_files
 from ..model.modeling_baichuan import IGNORE_INDEX
-from .records import Conversation, DataError, ReadResult, bad_records_error, expand_data_paths, read_records
+from .pretrain import encode_documents, pack_documents
+from .raw_text import iter_documents
+from .records import BadRecord, Conversation, DataError, bad_records_error, read_records
 from ..model.tokenization_baichuan import PlainTextEncoder
 
-CACHE_FORMAT = 2  # bump when the encoding rule or the stored layout changes (2: per-file rows and sha256)
+# Bump when the encoding rule or the stored layout changes (2: per-file rows and sha256; 3: sources, pt).
+CACHE_FORMAT = 3
 DONE_FILE = "done.json"
 ARROW_FILES = ("train.arrow", "eval.arrow")
 CHUNK_SIZE = 2000  # conversations per tokenizing task
@@ -68,6 +72,11 @@ class DataOptions(Protocol):
     truncation: Literal["head", "rounds"]
     preprocessing_num_workers: int | None
     data_cache_dir: str | None
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"]
+    mix_seed: int | None
+    text_field: str
+    txt_split: Literal["line", "blank"]
+    pt_cross_document: bool
 
 
 @dataclass
@@ -95,25 +104,39 @@ def _file_digest(path: str) -> str:
         raise DataError(f"{path}: cannot read file: {e.strerror or e}") from None
 
 
-def cache_key(data_args: DataOptions, sp: Any, model_max_length: int, seed: int) -> str:
+def mix_seed(data_args: DataOptions, seed: int) -> int:
+    """The seed of the interleaving draws: ``--mix_seed``, else the run's seed."""
+    chosen = getattr(data_args, "mix_seed", None)  # options objects of callers that predate mixing have none
+    return seed if chosen is None else chosen
+
+
+def cache_key(data_args: DataOptions, sp: Any, model_max_length: int, seed: int, stage: str = "sft") -> str:
     """Hash of everything the prepared data depends on (file contents, not names or dates)."""
     h = hashlib.sha256()
     options = {
         "format": CACHE_FORMAT,
+        "stage": stage,
         "model_max_length": model_max_length,
-        "truncation": data_args.truncation,
         "on_bad_record": data_args.on_bad_record,
-        "packing": data_args.packing,
         "val_size": data_args.val_size if not data_args.eval_data_path else 0,
         "seed": seed,
+        "mix_strategy": data_args.mix_strategy,
+        "mix_seed": mix_seed(data_args, seed),
     }
+    if stage == "pt":
+        options.update(text_field=data_args.text_field, txt_split=data_args.txt_split,
+                       pt_cross_document=data_args.pt_cross_document)
+    else:
+        options.update(truncation=data_args.truncation, packing=data_args.packing)
     h.update(json.dumps(options, sort_keys=True).encode())
     h.update(hashlib.sha256(sp.serialized_model_proto()).digest())
     for name, spec in (("train", data_args.data_path), ("eval", data_args.eval_data_path)):
         if spec:
             h.update(name.encode())
-            for path in expand_data_paths(spec):
-                h.update(_file_digest(path).encode())
+            for source in parse_data_sources(spec):
+                h.update(f"source {source.weight}".encode())
+                for path in source_files(source.path, stage):
+                    h.update(_file_digest(path).encode())
     return h.hexdigest()[:32]
 
 
@@ -123,8 +146,13 @@ def prepare_data(
     model_max_length: int,
     seed: int = 42,
     is_main_process_on_node: bool | None = None,
+    stage: str = "sft",
 ) -> PreparedData:
     """Read, validate, tokenize (or load from cache), split and optionally pack the data.
+
+    The sources of ``data_path`` are mixed by ``mix_strategy`` (`mixing.mix_order`). ``stage="pt"``
+    reads raw-text documents instead of conversations (`raw_text`), every token a target, always
+    packed into rows of `model_max_length` (`pretrain`).
 
     `tokenizer` is a `BaichuanTokenizer` (or anything with its ``sp_model``) or a sentencepiece
     processor. The options are taken as given: `arguments.DataArguments` checks them. Raises
@@ -138,7 +166,7 @@ def prepare_data(
         is_main_process_on_node = int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
     sp = getattr(tokenizer, "sp_model", tokenizer)
     root = Path(data_args.data_cache_dir or default_cache_dir())
-    key = cache_key(data_args, sp, model_max_length, seed)
+    key = cache_key(data_args, sp, model_max_length, seed, stage)
     entry = root / key
     with _signals_unwind():
         if is_main_process_on_node:
@@ -146,7 +174,7 @@ def prepare_data(
             _remove_leftovers(root)
             cached, from_cache = _use_entry(entry), True
             if cached is None:
-                _build_entry(entry, data_args, sp, model_max_length, seed)
+                _build_entry(entry, data_args, sp, model_max_length, seed, stage)
                 cached, from_cache = _open_just_built(entry), False
         else:
             cached, from_cache = _wait_for_entry(entry), True
@@ -341,14 +369,15 @@ def _wait_for_entry(entry: Path, poll_s: float = 1.0) -> _Cached:
         time.sleep(poll_s)
 
 
-def _build_entry(entry: Path, data_args: DataOptions, sp: Any, model_max_length: int, seed: int) -> None:
+def _build_entry(entry: Path, data_args: DataOptions, sp: Any, model_max_length: int, seed: int,
+                 stage: str = "sft") -> None:
     marker = _error_marker(entry)
     marker.unlink(missing_ok=True)
     tmp = _leftover_name(entry, "tmp")
     try:
         try:
             tmp.mkdir()
-            report, rows = _tokenize_to(tmp, data_args, sp, model_max_length, seed)
+            report, rows = _tokenize_to(tmp, data_args, sp, model_max_length, seed, stage)
             files = {name: _file_record(tmp / name, n) for name, n in rows.items()}
             done = {"format": CACHE_FORMAT, "build": uuid.uuid4().hex, "files": files, "report": report.to_dict()}
             # The completion marker is written last, then the whole directory appears at once by rename.
@@ -415,8 +444,9 @@ def _signals_unwind() -> Iterator[None]:
             raise KeyboardInterrupt(f"{signal.Signals(received[0]).name} while preparing data") from None
 
 
-# Set before forking the pool so workers inherit conversations and the tokenizer instead of pickling them.
-_WORK: tuple[list[Conversation], PlainTextEncoder, int, str] | None = None
+# Set before forking the pool so workers inherit the items and the encoder instead of pickling them:
+# the items (conversations or documents) and the function that encodes a slice of them.
+_WORK: tuple[list[Any], Callable[[list[Any]], EncodedChunk]] | None = None
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -434,12 +464,11 @@ def _worker(ranges: list[tuple[int, int]], send: Any, readers: list[Any]) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent around the fork
-    conversations, encoder, model_max_length, truncation = _WORK
+    items, encode = _WORK
     try:
         for index, (start, end) in ranges:
             try:
-                message = ("ok", index, encode_conversations(encoder, conversations[start:end], model_max_length,
-                                                             truncation))
+                message = ("ok", index, encode(items[start:end]))
             except Exception as e:  # bad data (DataError) or a bug: raised again in the parent
                 message = ("error", index, e)
             send.send(message)
@@ -510,14 +539,29 @@ def tokenize_conversations(
     num_workers: int | None,
 ) -> EncodedChunk:
     """Encode many conversations, in forked worker processes when there are enough of them."""
-    global _WORK
     encoder = PlainTextEncoder(sp)
+    return _encode_in_workers(conversations,
+                              lambda part: encode_conversations(encoder, part, model_max_length, truncation),
+                              num_workers)
+
+
+def tokenize_documents(documents: list[tuple[str, str]], sp: Any, num_workers: int | None) -> EncodedChunk:
+    """Encode raw-text ``(id, text)`` documents (`pretrain.encode_documents`), in forked worker
+    processes when there are enough of them."""
+    encoder = PlainTextEncoder(sp)
+    return _encode_in_workers(documents, lambda part: encode_documents(encoder, [t for _, t in part],
+                                                                       [d for d, _ in part]), num_workers)
+
+
+def _encode_in_workers(items: list[Any], encode: Callable[[list[Any]], EncodedChunk],
+                       num_workers: int | None) -> EncodedChunk:
+    global _WORK
     workers = num_workers or min(os.cpu_count() or 1, 8)
-    workers = max(1, min(workers, len(conversations) // MIN_PER_WORKER))
+    workers = max(1, min(workers, len(items) // MIN_PER_WORKER))
     if workers == 1:
-        return encode_conversations(encoder, conversations, model_max_length, truncation)
-    ranges = [(s, min(s + CHUNK_SIZE, len(conversations))) for s in range(0, len(conversations), CHUNK_SIZE)]
-    _WORK = (conversations, encoder, model_max_length, truncation)
+        return encode(items)
+    ranges = [(s, min(s + CHUNK_SIZE, len(items))) for s in range(0, len(items), CHUNK_SIZE)]
+    _WORK = (items, encode)
     try:
         chunks = _run_workers(ranges, workers)
     finally:
@@ -559,29 +603,96 @@ def split_sizes(n: int, val_size: float) -> int:
     return k
 
 
+@dataclass
+class _Mixed:
+    """The examples of every source, mixed (`mixing.mix_order`), and what was read on the way."""
+
+    items: list[Any]  # conversations, or (id, text) documents for --stage pt
+    source_of: np.ndarray  # int64: the source of each item
+    sources: list[Source]
+    read: list[int]  # records or documents read per source (bad ones included)
+    bad_records: list[BadRecord]
+    formats: dict[str, str]  # file -> format
+
+
+_TEXT_FORMATS = {".txt": "text, one document per {}", ".json": "JSON {{{!r}}}", ".jsonl": "JSON Lines {{{!r}}}",
+                 ".parquet": "Parquet column {!r}", ".arrow": "Arrow column {!r}"}
+
+
+def _text_format(path: str, data_args: DataOptions) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".txt":
+        return _TEXT_FORMATS[suffix].format("line" if data_args.txt_split == "line" else "blank-line block")
+    return _TEXT_FORMATS[suffix].format(data_args.text_field)
+
+
+def _read_source(path: str, data_args: DataOptions, stage: str,
+                 what: str) -> tuple[list[Any], list[BadRecord], dict[str, str]]:
+    """One source's items (bad records skipped and returned, whatever --on_bad_record: the caller raises)."""
+    if stage != "pt":
+        read = read_records(path, "skip", what=what)
+        return read.conversations, read.bad_records, dict(read.formats)
+    bad: list[BadRecord] = []
+    docs = list(iter_documents(path, data_args.text_field, data_args.txt_split,
+                               skipped=bad if data_args.on_bad_record == "skip" else None))
+    return docs, bad, {f: _text_format(f, data_args) for f in source_files(path, "pt")}
+
+
+def read_mixed(data_path: str, data_args: DataOptions, stage: str, seed: int, what: str = "training data") -> _Mixed:
+    """Read every source of `data_path` and mix their examples; bad records raise one `DataError`
+    ("error") or are skipped and counted ("skip")."""
+    sources = parse_data_sources(data_path)
+    parts = [_read_source(s.path, data_args, stage, what) for s in sources]
+    bad = [b for _, part_bad, _ in parts for b in part_bad]
+    if bad and data_args.on_bad_record == "error":
+        raise bad_records_error(bad, what)
+    sizes = [len(items) for items, _, _ in parts]
+    weights = None if sources[0].weight is None else [s.weight for s in sources]
+    strategy = data_args.mix_strategy if len(sources) > 1 else "concat"
+    order = mix_order(sizes, weights, strategy, mix_seed(data_args, seed))
+    formats: dict[str, str] = {}
+    for _, _, part_formats in parts:
+        formats.update(part_formats)
+    return _Mixed(
+        items=[parts[s][0][i] for s, i in order],
+        source_of=np.fromiter((s for s, _ in order), dtype=np.int64, count=len(order)),
+        sources=sources,
+        read=[n + len(part_bad) for n, (_, part_bad, _) in zip(sizes, parts)],
+        bad_records=bad,
+        formats=formats,
+    )
+
+
 def _tokenize_to(
-    out: Path, data_args: DataOptions, sp: Any, model_max_length: int, seed: int
+    out: Path, data_args: DataOptions, sp: Any, model_max_length: int, seed: int, stage: str = "sft"
 ) -> tuple[DataReport, dict[str, int]]:
     """Write train.arrow (and eval.arrow) into `out`; the report and the rows of each file written."""
     workers = data_args.preprocessing_num_workers
-    read = read_records(data_args.data_path, data_args.on_bad_record)
-    chunk = tokenize_conversations(read.conversations, sp, model_max_length, data_args.truncation, workers)
+    pt = stage == "pt"
+    mixed = read_mixed(data_args.data_path, data_args, stage, seed)
+    if pt:
+        chunk = tokenize_documents(mixed.items, sp, workers)
+    else:
+        chunk = tokenize_conversations(mixed.items, sp, model_max_length, data_args.truncation, workers)
     if len(chunk.lengths) == 0:
         # One line (the report's summary is several): what was read, skipped and dropped.
-        skipped = {**{f"bad: {r}": n for r, n in _count_reasons(read).items()}, **chunk.dropped}
+        skipped = {**{f"bad: {r}": n for r, n in _count_reasons(mixed.bad_records).items()}, **chunk.dropped}
         counts = "".join(f", {n} {reason}" for reason, n in sorted(skipped.items()))
-        raise DataError(f"{data_args.data_path}: no example left to train on "
-                        f"({len(read.conversations) + len(read.bad_records)} record(s) read{counts})")
+        raise DataError(f"{data_args.data_path}: no {'document' if pt else 'example'} left to train on "
+                        f"({sum(mixed.read)} {'document' if pt else 'record'}(s) read{counts})")
 
     if data_args.eval_data_path:
-        eval_read = read_records(data_args.eval_data_path, data_args.on_bad_record, what="eval data")
-        eval_chunk = tokenize_conversations(eval_read.conversations, sp, model_max_length,
-                                            data_args.truncation, workers)
+        eval_read = read_mixed(data_args.eval_data_path, data_args, stage, seed, what="eval data")
+        if pt:
+            eval_chunk = tokenize_documents(eval_read.items, sp, workers)
+        else:
+            eval_chunk = tokenize_conversations(eval_read.items, sp, model_max_length, data_args.truncation, workers)
         if len(eval_chunk.lengths) == 0:
             raise DataError(f"{data_args.eval_data_path}: no evaluation example left")
         parts = {"train": (chunk.input_ids, chunk.labels, chunk.lengths),
                  "eval": (eval_chunk.input_ids, eval_chunk.labels, eval_chunk.lengths)}
     elif data_args.val_size > 0:
+        # pt: whole documents are split off, before they are cut into rows (no document on both sides).
         n = len(chunk.lengths)
         k = split_sizes(n, data_args.val_size)
         perm = np.random.default_rng(seed).permutation(n)
@@ -591,20 +702,36 @@ def _tokenize_to(
 
     # The report's packing figures count the rows written for `chunk`'s examples (the training set,
     # and the evaluation set when it was split off them): packing is done once, here.
-    packed_rows = 0
+    packed_rows = split_documents = targets = 0
     written: dict[str, int] = {}
     for name, (ids, labels, lengths) in parts.items():
-        if data_args.packing:
+        counted = name == "train" or not data_args.eval_data_path
+        if pt:
+            laid = pack_documents(ids, lengths, model_max_length, data_args.pt_cross_document)
+            packed = laid.rows
+            table = _table(packed.input_ids, packed.labels, packed.row_lengths,
+                           None if data_args.pt_cross_document else packed.segment_ids)
+            if counted:
+                split_documents += laid.split_documents
+                targets += int((packed.labels != IGNORE_INDEX).sum())
+                packed_rows += len(packed.row_lengths)
+        elif data_args.packing:
             packed = pack_arrays(ids, labels, lengths, model_max_length)
             table = _table(packed.input_ids, packed.labels, packed.row_lengths, packed.segment_ids)
-            if name == "train" or not data_args.eval_data_path:
+            if counted:
                 packed_rows += len(packed.row_lengths)
         else:
             table = _table(ids, labels, lengths)
         _write_arrow(table, out / f"{name}.arrow")
         written[f"{name}.arrow"] = table.num_rows
 
-    report = _report(read, chunk, model_max_length, seed, packed_rows if data_args.packing else None)
+    report = _report(mixed, chunk, model_max_length, seed,
+                     packed_rows if (data_args.packing or pt) else None, stage=stage)
+    report.mix_strategy = data_args.mix_strategy if len(mixed.sources) > 1 else "concat"
+    report.mix_seed = mix_seed(data_args, seed)
+    if pt:
+        report.split_documents, report.supervised_tokens = split_documents, targets
+        report.efficiency = {"packing": report.tokens / (packed_rows * model_max_length) if packed_rows else 0.0}
     for name, (_, _, lengths) in parts.items():
         setattr(report, f"{name}_examples", len(lengths))
     return report, written
@@ -631,27 +758,33 @@ def _write_arrow(table: pa.Table, path: Path) -> None:
         writer.write_table(table, max_chunksize=10_000)
 
 
-def _count_reasons(read: ReadResult) -> dict[str, int]:
+def _count_reasons(bad_records: list[BadRecord]) -> dict[str, int]:
     """Skipped bad records by reason."""
     bad: dict[str, int] = {}
-    for b in read.bad_records:
+    for b in bad_records:
         bad[b.reason] = bad.get(b.reason, 0) + 1
     return bad
 
 
 def _report(
-    read: ReadResult, chunk: EncodedChunk, model_max_length: int, seed: int, packed_rows: int | None = None
+    mixed: _Mixed, chunk: EncodedChunk, model_max_length: int, seed: int, packed_rows: int | None = None,
+    stage: str = "sft",
 ) -> DataReport:
     """Counts and batching efficiency of the kept examples; `packed_rows` when they were packed."""
-    bad = _count_reasons(read)
     lengths = chunk.lengths
     starts = np.cumsum(lengths) - lengths
     supervised = int((chunk.labels != IGNORE_INDEX).sum()) - int((chunk.labels[starts] != IGNORE_INDEX).sum())
-    efficiency, rows = padding_efficiency(lengths, model_max_length, seed=seed, packed_rows=packed_rows)
+    if stage == "pt":  # whole documents do not fit `padding_efficiency`'s rows; the caller measures the fill
+        efficiency, rows = {}, packed_rows or 0
+    else:
+        efficiency, rows = padding_efficiency(lengths, model_max_length, seed=seed, packed_rows=packed_rows)
+    kept_source = mixed.source_of[chunk.kept_index]
+    per_source_examples = np.bincount(kept_source, minlength=len(mixed.sources))
+    per_source_tokens = np.bincount(kept_source, weights=lengths, minlength=len(mixed.sources))
     return DataReport(
-        files=dict(read.formats),
-        records=len(read.conversations) + len(read.bad_records),
-        bad_records=bad,
+        files=dict(mixed.formats),
+        records=sum(mixed.read),
+        bad_records=_count_reasons(mixed.bad_records),
         dropped=dict(chunk.dropped),
         examples=len(lengths),
         truncated=chunk.num_truncated,
@@ -661,8 +794,11 @@ def _report(
         length_percentiles=length_percentiles(chunk.full_lengths),
         efficiency=efficiency,
         packed_rows=rows,
+        stage=stage,
+        sources=[{"path": s.path, "weight": s.weight, "read": int(read), "examples": int(n), "tokens": int(t)}
+                 for s, read, n, t in zip(mixed.sources, mixed.read, per_source_examples, per_source_tokens)],
     )
 
 
-__all__ = ["PreparedData", "prepare_data", "tokenize_conversations", "cache_key", "default_cache_dir",
-           "DataError", "bad_records_error"]
+__all__ = ["PreparedData", "prepare_data", "read_mixed", "tokenize_conversations", "tokenize_documents", "cache_key",
+           "default_cache_dir", "mix_seed", "DataError", "bad_records_error"]

@@ -406,3 +406,14 @@ def _parse_alpaca(record: dict) -> Conversation:
 
 
 _PARSERS = {"sharegpt": _parse_sharegpt, "openai": _parse_openai, "alpaca": _parse_alpaca}
+
+
+def parse_record(record: Any, fmt: str, where: str) -> Conversation | BadRecord:
+    """One parsed JSON record of a file whose format (`detect_format`) is `fmt`: its `Conversation`, or a
+    `BadRecord` saying what is wrong with it. For readers that take records one at a time (--streaming)."""
+    parsed, bad = parse_items([(where, record)], _PARSERS[fmt])
+    if bad:
+        return bad[0]
+    conversation = parsed[0][1]
+    conversation.source = where
+    return conversation

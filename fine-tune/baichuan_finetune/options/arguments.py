@@ -30,6 +30,7 @@ from ..model.specs_baichuan import ALL_LINEAR
 from ..objectives.quantize import check_qlora_available
 from ..core import quiet
 from ..core.errors import UsageFault
+from ..data.mixing import MixError, parse_data_sources
 
 # Before transformers.TrainingArguments is first touched (below): it imports peft, which imports
 # bitsandbytes and its import-time warning. Every tool reaches this module (loading -> preflight).
@@ -48,7 +49,9 @@ CHOICES = {
     "on_bad_record": ("error", "skip"),
     "padding": ("longest", "max_length"),
     "truncation": ("head", "rounds"),
-    "stage": ("sft", "dpo"),
+    "stage": ("sft", "dpo", "pt"),
+    "txt_split": ("line", "blank"),
+    "mix_strategy": ("concat", "interleave_under", "interleave_over"),
     "pref_loss": ("sigmoid", "ipo", "orpo", "simpo"),
 }
 # The shortest training row (a turn needs its role id, some text and the closing eos).
@@ -146,17 +149,64 @@ class DataArguments:
         metadata={"help": "Where tokenized data is cached (default: $BAICHUAN_FINETUNE_CACHE or "
                           "~/.cache/baichuan_finetune/data)."},
     )
+    # Mixing sources (every stage) and raw text (--stage pt): docs/pretraining.md.
+    mix_strategy: str = field(
+        default="concat",
+        metadata={"help": "How the sources of --data_path are mixed: concat (all of each, in order), "
+                          "interleave_under (draw by weight, stop when the first source runs out), "
+                          "interleave_over (draw by weight, repeat sources until every one is seen whole).",
+                  "choices": list(CHOICES["mix_strategy"])},
+    )
+    mix_seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed of the interleaving draws (default: --seed)."}
+    )
+    text_field: str = field(
+        default="text", metadata={"help": "--stage pt: the field (JSON) or column (Parquet/Arrow) holding the text."}
+    )
+    txt_split: str = field(
+        default="line",
+        metadata={"help": "--stage pt, .txt files: one document per line, or documents separated by blank lines.",
+                  "choices": list(CHOICES["txt_split"])},
+    )
+    pt_cross_document: bool = field(
+        default=False,
+        metadata={"help": "--stage pt: concatenate documents and cut rows of model_max_length, attending across "
+                          "document boundaries (default: attention stays within a document, as SFT packing)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read --data_path lazily while training (corpora larger than memory or disk cache): "
+                          "tokenized and packed on the fly in --dataloader_num_workers processes, sharded across "
+                          "processes, resumed exactly; needs --max_steps (docs/pretraining.md)."},
+    )
 
     def __post_init__(self) -> None:
         # argparse already enforces the choices on the command line; config files and code do not.
         if not self.data_path:
             raise UsageError("--data_path: required (a file, comma-separated files or a directory)")
-        for name in ("on_bad_record", "padding", "truncation"):
+        for name in ("on_bad_record", "padding", "truncation", "txt_split", "mix_strategy"):
             check_choice(name, getattr(self, name))
+        _check_sources(self)
         if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
             raise UsageError(f"--val_size {self.val_size}: must be a fraction in [0, 1) or a whole count >= 1")
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
             raise UsageError(f"--preprocessing_num_workers {self.preprocessing_num_workers}: must be at least 1")
+
+
+def _check_sources(d: "DataArguments") -> None:
+    """The sources and weights of --data_path and --eval_data_path (their files are read later, by the
+    data readers, each problem a `DataError` naming the file)."""
+    try:
+        sources = parse_data_sources(d.data_path)
+        eval_sources = parse_data_sources(d.eval_data_path) if d.eval_data_path else []
+    except MixError as e:
+        raise UsageError(str(e)) from None
+    weighted = sources[0].weight is not None
+    if weighted and d.mix_strategy == "concat":
+        raise UsageError("--data_path has weights, but --mix_strategy concat takes every example once: use "
+                         "--mix_strategy interleave_under or interleave_over")
+    if any(s.weight is not None for s in eval_sources):
+        raise UsageError("--eval_data_path: weights apply to --data_path only (evaluation reads every example once)")
 
 
 @dataclass
@@ -286,6 +336,33 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Comma-separated settings in which --resume_from_checkpoint may differ from the run "
                           "that wrote the checkpoint: " + ", ".join(RESUME_IGNORABLE) + " (docs/training.md)."},
     )
+    # Watching the fine-tune at each evaluation (training/generation_eval.py, docs/training.md).
+    eval_generation_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Prompts (any predict input: a conversation file, JSONL {prompt, reference}, a .txt) "
+                          "answered greedily at each evaluation: BLEU-4/ROUGE against their references and a "
+                          "table of sample answers are logged."},
+    )
+    eval_generation_samples: int = field(
+        default=32, metadata={"help": "How many prompts of --eval_generation_file (a fixed random sample)."}
+    )
+    eval_generation_max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest answer generated for --eval_generation_file, in tokens."}
+    )
+    eval_mc_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "A multiple-choice task directory (the C-Eval/CMMLU/MMLU layouts `eval` reads) scored "
+                          "at each evaluation: eval_mc_accuracy (percent) is logged."},
+    )
+    eval_mc_shots: int = field(default=5, metadata={"help": "Few-shot examples per question of --eval_mc_dir."})
+    eval_mc_limit: Optional[int] = field(
+        default=None, metadata={"help": "At most this many questions per subject of --eval_mc_dir (default: all)."}
+    )
+    max_mc_drop: Optional[float] = field(
+        default=None,
+        metadata={"help": "Stop the run (exit 1) when eval_mc_accuracy falls this many points below the first "
+                          "evaluation's; the last checkpoint evaluated before the drop is kept."},
+    )
 
     def __post_init__(self) -> None:
         # Ours first: transformers' own checks below may already set up devices.
@@ -303,6 +380,7 @@ class TrainingArguments(transformers.TrainingArguments):
         _check_counts(self)
         _check_preference(self)
         _check_resume_ignore_mismatch(self.resume_ignore_mismatch)
+        _check_evaluation_watch(self)
         # Before transformers reads the DeepSpeed file itself (a JSON list, a bad file, or batch sizes that
         # disagree with the flags would otherwise fail there or only after the model is loaded).
         check_deepspeed_config(self)
@@ -321,6 +399,29 @@ def _check_resume_ignore_mismatch(value: str) -> None:
         if name and name not in RESUME_IGNORABLE:
             raise UsageError(f"--resume_ignore_mismatch {value}: {name!r} cannot be ignored; choose from "
                              + ", ".join(RESUME_IGNORABLE))
+
+
+def _check_evaluation_watch(t: "TrainingArguments") -> None:
+    """The flags of generation and multiple-choice evaluation during training: numbers in range, paths
+    that exist, and no option of one without its file or directory. The files' content is read before
+    the model loads (training/generation_eval.py)."""
+    for name, least in (("eval_generation_samples", 1), ("eval_generation_max_new_tokens", 1),
+                        ("eval_mc_shots", 0), ("eval_mc_limit", 1)):
+        value = getattr(t, name)
+        if value is not None and value < least:
+            raise UsageError(f"--{name} {value}: must be at least {least}")
+    if t.max_mc_drop is not None and not (math.isfinite(t.max_mc_drop) and 0 < t.max_mc_drop <= 100):
+        raise UsageError(f"--max_mc_drop {t.max_mc_drop}: must be accuracy points in (0, 100]")
+    needs = {"eval_generation_file": {"eval_generation_samples": 32, "eval_generation_max_new_tokens": 128},
+             "eval_mc_dir": {"eval_mc_shots": 5, "eval_mc_limit": None, "max_mc_drop": None}}
+    for owner, defaults in needs.items():
+        changed = [name for name, default in defaults.items() if getattr(t, name) != default]
+        if changed and not getattr(t, owner):
+            raise UsageError(f"--{changed[0]}: needs --{owner}")
+    if t.eval_generation_file and not Path(t.eval_generation_file).is_file():
+        raise UsageError(f"--eval_generation_file {t.eval_generation_file}: no such file")
+    if t.eval_mc_dir and not Path(t.eval_mc_dir).is_dir():
+        raise UsageError(f"--eval_mc_dir {t.eval_mc_dir}: no such directory")
 
 
 def _check_preference(t: "TrainingArguments") -> None:
@@ -605,11 +706,35 @@ def _check_trackers(t: TrainingArguments) -> None:
                              "tensorboard is in requirements.txt, or use --report_to none")
 
 
+def _check_streaming(args: Arguments) -> None:
+    """--streaming: a run measured in steps (a stream has no length), of a stage that reads a stream."""
+    d, t = args.data, args.training
+    if not d.streaming:
+        return
+    if t.max_steps <= 0:
+        raise UsageError("--streaming True: needs --max_steps N (a stream has no length to count epochs in)")
+    if t.stage == "dpo":
+        raise UsageError("--streaming True: not supported with --stage dpo (preference pairs are read whole)")
+    if d.val_size:
+        raise UsageError("--streaming True: --val_size would hold examples out of a stream read once; give "
+                         "--eval_data_path instead")
+
+
 def validate(args: Arguments) -> None:
     """What one dataclass cannot check alone: the DeepSpeed config file, QLoRA with it and on this machine."""
     t, lora = args.training, args.lora
     _check_attention(args.model, t)
     _check_trackers(t)
+    watch = "--eval_generation_file" if t.eval_generation_file else "--eval_mc_dir" if t.eval_mc_dir else None
+    if watch and (t.eval_strategy == "no" or not (args.data.eval_data_path or args.data.val_size)):
+        # They run inside the Trainer's evaluation, which needs an evaluation set and a schedule.
+        raise UsageError(f"{watch}: runs at each evaluation; add --eval_strategy steps --eval_steps N and an "
+                         "evaluation set (--val_size or --eval_data_path)")
+    pt_defaults = {"text_field": "text", "txt_split": "line", "pt_cross_document": False}
+    changed = [k for k, v in pt_defaults.items() if getattr(args.data, k) != v]
+    if changed and t.stage != "pt":
+        raise UsageError(f"--{changed[0]}: a raw-text flag; add --stage pt (docs/pretraining.md)")
+    _check_streaming(args)
     if t.stage == "dpo" and args.data.packing:
         raise UsageError("--packing True: not supported with --stage dpo (a batch pairs each chosen answer "
                          "with its rejected one)")

@@ -729,7 +729,8 @@ def launch_setup(model_path: str, training, lora, data, ds: dict | None) -> Setu
             nodes=max(world // max(local, 1), 1), gpus_per_node=max(local, 1),
             gpu_memory_bytes=free[1] if free else 80 * 10**9,
             seq_len=training.model_max_length, micro_batch=training.per_device_train_batch_size,
-            packing=bool(getattr(data, "packing", False)),
+            # --stage pt always packs its rows full.
+            packing=bool(getattr(data, "packing", False)) or getattr(training, "stage", "sft") == "pt",
             checkpointing=bool(getattr(training, "gradient_checkpointing", False)),
             precision=precision_of(training),
             device="cpu" if cpu else "cuda", ds_overrides={k: v for k, v in zero.items() if not isinstance(v, dict)},

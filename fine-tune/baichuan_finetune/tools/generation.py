@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation.streamers import BaseStreamer
 
 from .loading import chat_model
-from ..model.tokenization_baichuan import build_chat_input
+from ..evaluation.prompts import chat_prompt_ids
 
 
 def build_prompt_ids(model, tokenizer, messages: list[dict], max_new_tokens: int | None = None) -> list[int]:
@@ -29,7 +29,7 @@ def build_prompt_ids(model, tokenizer, messages: list[dict], max_new_tokens: int
     """
     base = chat_model(model)
     max_new_tokens = max_new_tokens or base.generation_config.max_new_tokens or 0
-    return build_chat_input(tokenizer, messages, base.config.model_max_length - max_new_tokens)
+    return chat_prompt_ids(base.config.model_max_length, tokenizer, messages, max_new_tokens)
 
 
 def make_generation_config(

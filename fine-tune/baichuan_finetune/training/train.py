@@ -21,7 +21,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..checkpoints import fingerprint, resume_checks, saving
-from . import launch_guard, preemption, preflight
+from . import generation_eval, launch_guard, preemption, preflight
 from ..objectives.attention import kernel_name
 from ..options.arguments import PROG, Arguments, LoraArguments, ModelArguments, TrainingArguments, UsageError, parse_args
 from ..options.arguments import deepspeed_config
@@ -205,14 +205,20 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
 
     transformers.set_seed(t.seed)  # LoRA's initial weights depend on it
     tokenizer = load_tokenizer(args)
+    # --eval_generation_file / --eval_mc_dir read and checked before the data and the model.
+    watch = generation_eval.read_inputs(t)
     from ..data.preprocess import prepare_data
 
-    if t.stage == "dpo":  # pairs: chosen and rejected answers to one prompt (docs/preference.md)
+    if args.data.streaming:  # read lazily while training, from where `resume` left the stream
+        from ..data.streaming import prepare_stream
+
+        data = prepare_stream(args.data, tokenizer, t, resume)
+    elif t.stage == "dpo":  # pairs: chosen and rejected answers to one prompt (docs/preference.md)
         from ..data.preference_data import prepare_pairs
 
         data = prepare_pairs(args.data, tokenizer, t.model_max_length, seed=t.seed)
     else:
-        data = prepare_data(args.data, tokenizer, t.model_max_length, seed=t.seed)
+        data = prepare_data(args.data, tokenizer, t.model_max_length, seed=t.seed, stage=t.stage)  # sft or pt
     if t.process_index == 0:
         print(data.report.format(), flush=True)
     memory_plan.memory_probe_start()  # only with BAICHUAN_FINETUNE_MEMORY_LOG (benchmarks/memory.py)
@@ -237,10 +243,17 @@ def _run_locked(args: Arguments, method: TrainingMethod, callbacks: Sequence[Tra
         **objective,
     )
     trainer.run_record = record
+    for callback in generation_eval.watch_callbacks(trainer, watch):  # they log through the trainer
+        trainer.add_callback(callback)
     if resume:
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     preemption.training_finished()  # a signal from here on lets the final save finish
+    if trainer.stream_loader is not None:
+        from ..data.streaming import describe_counts
+
+        logger.info("Stream read by this process: %s", describe_counts(trainer.stream_loader.counts(),
+                                                                        trainer.stream_loader.dataset.config.sources))
     throughput = trainer.throughput()  # a collective: every process
     if data.eval_dataset is not None and t.eval_strategy == "no":
         trainer.evaluate()

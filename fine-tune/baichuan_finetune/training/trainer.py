@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..checkpoints import checkpoint_trust, resume_checks, saving
+from ..data.streaming import StreamingDataset, StreamLoader, save_position
 from ..model.modeling_baichuan import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,20 @@ class BaichuanTrainer(Trainer):
         self.run_record: dict | None = None
         self.add_callback(_StartClock(self))
         self.add_callback(_DefaultLogging())
+        self.stream_loader: StreamLoader | None = None  # --streaming: its position goes into every checkpoint
+        if isinstance(self.train_dataset, StreamingDataset):
+            # The stream continues from the position its checkpoint saved; HF's skipping of the batches
+            # already trained would read them again on top of that.
+            self.args.ignore_data_skip = True
+
+    def get_train_dataloader(self):
+        # A stream (--streaming) is this rank's share already, in collated batches: accelerate must not
+        # shard it again nor dispatch rank 0's batches to every rank.
+        if isinstance(self.train_dataset, StreamingDataset):
+            self.stream_loader = StreamLoader(self.train_dataset, self.args.dataloader_num_workers,
+                                              self.args.dataloader_prefetch_factor, self.args.dataloader_pin_memory)
+            return self.stream_loader
+        return super().get_train_dataloader()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -183,6 +198,8 @@ class BaichuanTrainer(Trainer):
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.save_total_limit = limit
+            if self.stream_loader is not None:  # every rank: where its share of the stream stands
+                save_position(self.stream_loader, path)
             # Every process has written its shards and RNG state before the marker says "complete".
             self.accelerator.wait_for_everyone()
             if main:

@@ -1,0 +1,13 @@
+"""Batch prediction and model comparison: ``baichuan-finetune predict`` (baichuan_finetune/cli/predict.py; see --help)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("baichuan_finetune") is None:  # a source checkout without `pip install`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fine-tune"))
+
+from baichuan_finetune.cli.predict import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
