@@ -7,4 +7,6 @@ bash scripts/setup.sh --with-extras
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export DS_ACCELERATOR=cpu
-exec python -m pytest -q --durations=15 "$@"
+# Both cores: two pytest workers, each test module kept on one worker (module fixtures built once).
+# Extra arguments go after, so `-n 0` runs in one process.
+exec python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
