@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from baichuan_finetune.builder.tiny import make_tiny_model
 from baichuan_finetune.model.modeling_baichuan import BaichuanForCausalLM
 from baichuan_finetune.tools.export import export_gguf

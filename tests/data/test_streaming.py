@@ -151,6 +151,10 @@ def test_a_position_of_another_world_size_is_refused(corpus, sp, tmp_path):
         load_position(tmp_path, replace(config, world_size=1))
     with pytest.raises(DataError, match="not written by a --streaming run"):
         load_position(tmp_path / "nothing", config)
+    resumed = StreamingDataset(config, sp)
+    resumed.restore(load_position(tmp_path, config))
+    with pytest.raises(DataError, match="--dataloader_num_workers 2: the checkpoint's stream was read by 1 worker"):
+        StreamLoader(resumed, 2)
 
 
 def test_a_bad_record_mid_stream_is_one_line_or_counted(tmp_path, sp):

@@ -326,7 +326,7 @@ def test_killed_export_leaves_no_file_under_the_final_name(models, tmp_path, mon
     monkeypatch.delenv("BAICHUAN_FINETUNE_FAULT")
     assert main(args, prog="export") == 0
     assert f"wrote {output} (llama, f16, " in capsys.readouterr().out
-    assert sorted(p.name for p in output.parent.iterdir()) == ["Modelfile", "model.gguf"]
+    assert sorted(p.name for p in output.parent.iterdir()) == ["model.Modelfile", "model.gguf"]
     assert load_gguf(output).n_vocab() == 1577
 
 

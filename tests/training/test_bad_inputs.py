@@ -350,6 +350,9 @@ ROWS: list[tuple[str, int, str, Callable[[Ctx], list[str]], str]] = [
                       recorded(c, "--use_lora", True, "--lora_target_modules", "W_pack")), ""),
     ("resume-other-base-model", 2, "another architecture); resume with the base model it was trained from",
      lambda c: c.args("--resume_from_checkpoint", recorded(c, model=c.alibi)), ""),
+    ("resume-streamed-checkpoint-without-streaming", 2, "--streaming was True when checkpoint-2 was written, now (none)",
+     lambda c: c.args("--max_steps", 4, "--resume_from_checkpoint", recorded(c, "--streaming", True, "--max_steps", 4)),
+     ""),
     ("resume-ignore-unknown-name", 2, "--resume_ignore_mismatch lora_r: 'lora_r' cannot be ignored",
      lambda c: c.args("--resume_ignore_mismatch", "lora_r"), ""),
     # --- data (exit 1) ---

@@ -66,6 +66,8 @@ def run_record(args: Arguments, base_model: str) -> dict[str, Any]:
         "mix_strategy": f"{d.mix_strategy} seed {t.seed if d.mix_seed is None else d.mix_seed}"
         if d.mix_strategy != "concat" else None,
         "pt_rows": ("cross_document" if d.pt_cross_document else "per_document") if t.stage == "pt" else None,
+        # A streamed run's checkpoints hold a stream position, a cached run's a sampler position: never swapped.
+        "streaming": True if d.streaming else None,
     }
     try:
         base = fingerprint.compute_fingerprint(base_model)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from .config import parse_with_config
 
 LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "datasets", "accelerate", "sentencepiece",
-             "safetensors", "pyyaml")
+             "safetensors", "pyyaml", "nltk", "jieba", "rouge-chinese")
 # The optional extras (requirements-*.txt in the repository): what each enables, and the packages it needs.
 EXTRAS = {
     "tools (requirements-tools.txt)": (
@@ -27,6 +27,9 @@ EXTRAS = {
     "quant (requirements-quant.txt)": (
         "--quantize 8|4 in chat/serve/web/eval, QLoRA training (--q_lora True, CUDA only)",
         ("bitsandbytes",)),
+    "export (requirements-export.txt)": (
+        "export --format gguf (llama.cpp, Ollama, LM Studio) and its quantized types",
+        ("gguf", "llama_cpp")),
     "kernels (pip install flash-attn / xformers)": (
         "--attn_implementation flash_attention_2 / xformers (CUDA only)",
         ("flash_attn", "xformers")),

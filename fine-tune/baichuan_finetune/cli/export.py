@@ -3,7 +3,7 @@
     baichuan-finetune export --model output/merged --output baichuan2-ft-q4_k_m.gguf --quant q4_k_m
     baichuan-finetune export --model output/lora --output ft-f16.gguf            (adapter + its base)
     python scripts/export.py --model output/merged --output ft-q8_0.gguf --quant q8_0     (the same)
-    ollama create baichuan2-ft -f Modelfile            (the Modelfile written next to the GGUF)
+    ollama create baichuan2-ft -f baichuan2-ft-q4_k_m.Modelfile            (written next to the GGUF)
 
     baichuan-finetune export --model output/merged --format gptq --output out/gptq --calibration_data data/train.json
 
@@ -32,8 +32,8 @@ def build_parser(prog: str | None = None) -> ToolArgumentParser:
     parser.add_argument("--format", default="gguf", choices=FORMATS, help="gguf (llama.cpp, Ollama, LM Studio) or gptq")
     parser.add_argument("--quant", default="f16", metavar="TYPE",
                         help=f"GGUF tensor type: {', '.join(QUANT_TYPES)} (default f16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output (and Modelfile)")
-    parser.add_argument("--no_modelfile", action="store_true", help="do not write an Ollama Modelfile next to it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output (and its .Modelfile)")
+    parser.add_argument("--no_modelfile", action="store_true", help="do not write the Ollama Modelfile (NAME.Modelfile next to NAME.gguf)")
     gptq = parser.add_argument_group("--format gptq (--output is a new directory)")
     gptq.add_argument("--calibration_data", default=None, help="training data whose conversations calibrate GPTQ")
     gptq.add_argument("--bits", type=int, default=4, help="4 (default) or 8")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.fail(f"exporting {args.model} failed: {one_line(e)}")
     for note in result.notes:
         print(f"note: {note}")
-    kind = f"{args.bits}-bit" if args.format == "gptq" else args.quant
+    kind = f"{args.bits}-bit" if args.format == "gptq" else args.quant.lower()
     print(f"wrote {result.path} ({result.architecture}, {kind}, {_size(result.size)}) in {result.seconds:.1f} s")
     if result.modelfile is not None:
         print(f"wrote {result.modelfile}: ollama create NAME -f {result.modelfile}")

@@ -419,9 +419,7 @@ class StreamLoader:
 
     def __init__(self, dataset: StreamingDataset, num_workers: int, prefetch_factor: int | None = None,
                  pin_memory: bool = False):
-        if dataset.start and num_workers != dataset.workers and max(num_workers, 1) != dataset.workers:
-            raise DataError(f"--dataloader_num_workers {num_workers}: the checkpoint's stream was read by "
-                            f"{dataset.workers} worker(s); resume with the same number to continue it exactly")
+        self.check_workers(dataset, num_workers)
         self.dataset = dataset
         dataset.workers = max(num_workers, 1)
         self.loader = torch.utils.data.DataLoader(
@@ -429,6 +427,14 @@ class StreamLoader:
             prefetch_factor=prefetch_factor if num_workers else None)
         self.batches = 0
         self.positions: dict[int, dict] = {k: asdict(v) for k, v in dataset.start.items()}
+
+    @staticmethod
+    def check_workers(dataset: StreamingDataset, num_workers: int) -> None:
+        """`DataError` when a restored stream was read by another number of workers (0 and 1 are the same:
+        one stream per rank), whose shares of it differ."""
+        if dataset.start and max(num_workers, 1) != dataset.workers:
+            raise DataError(f"--dataloader_num_workers {num_workers}: the checkpoint's stream was read by "
+                            f"{dataset.workers} worker(s); resume with the same number to continue it exactly")
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
@@ -581,6 +587,7 @@ def prepare_stream(data_args: Any, tokenizer: Any, training: Any, resume: str | 
     stream = StreamingDataset(config, sp)
     if resume:
         stream.restore(load_position(resume, config))
+        StreamLoader.check_workers(stream, training.dataloader_num_workers)  # before the model loads
     eval_dataset = None
     if data_args.eval_data_path:
         eval_args = replace(data_args, data_path=data_args.eval_data_path, eval_data_path=None, streaming=False)

@@ -25,12 +25,13 @@ which knows nothing of NormHead. What llama.cpp's loader needs, and what we writ
 ``f32``, ``f16`` and ``bf16`` are written directly; the other types (``QUANT_TYPES``) through
 llama.cpp's own quantizer (``llama_model_quantize`` of llama-cpp-python) from a bf16/f16 GGUF.
 Every file is written under a temporary name next to the output and renamed into place once whole,
-so a killed export never leaves a partial file under the final name. An Ollama ``Modelfile`` is
-written next to the GGUF (`modelfile_text`).
+so a killed export never leaves a partial file under the final name. An Ollama Modelfile is
+written next to the GGUF (``NAME.Modelfile``, `modelfile_text`).
 """
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 import sys
@@ -48,7 +49,7 @@ from ..model.configuration_baichuan import CHAT_GENERATION_CONFIG
 from ..model.specs_baichuan import ALIBI, ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, ROPE, USER_ID, position_embedding_of
 from ..model.tokenization_baichuan import chat_template
 from .convert import load_weights
-from .loading import (ADAPTER_CONFIG, GENERATION_CONFIG, TOKENIZER_FILE, ModelDirError, check_model_dir,
+from .loading import (GENERATION_CONFIG, TOKENIZER_FILE, ModelDirError, check_model_dir,
                       load_model, read_adapter_config, resolve_base_dir)
 from ..checkpoints.saving import fault
 from ..checkpoints.weight_files import WeightFilesError, check_weights
@@ -66,7 +67,7 @@ FORMATS = ("gguf", "gptq")
 BAICHUAN_DEPTHS = {32: ROPE, 40: ALIBI}
 FALLBACK_ARCH = {ROPE: "llama", ALIBI: "refact"}
 ALIBI_MAX_BIAS = 8.0
-MODELFILE = "Modelfile"
+MODELFILE_SUFFIX = ".Modelfile"  # model-q4_k_m.gguf -> model-q4_k_m.Modelfile: one per export, side by side
 # ``$BAICHUAN_FINETUNE_FAULT`` point (``saving.fault``: kill, enospc, pause) half-way through writing the tensors.
 EXPORT_FAULT_POINT = "export_mid_write"
 
@@ -153,9 +154,7 @@ def check_export(model: str | Path, output: str | Path, quant: str = "f16", over
     model_dir, output = Path(model), Path(output)
     quant = quant.lower()  # llama.cpp spells them Q4_K_M
     if quant not in QUANT_TYPES:
-        import difflib
-
-        close = difflib.get_close_matches(quant.lower(), list(QUANT_TYPES), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(quant, list(QUANT_TYPES), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ExportError(f"--quant {quant!r}: unknown type{hint}; one of {', '.join(QUANT_TYPES)}")
     try:
@@ -190,19 +189,18 @@ def check_export(model: str | Path, output: str | Path, quant: str = "f16", over
     except ImportError:
         raise ExportError("export needs the gguf package: pip install -r requirements-export.txt") from None
     if quant not in WRITTEN_DIRECTLY:
-        llama_cpp_problem()  # before any work when the quantizer is missing
+        require_llama_cpp()  # before any work when the quantizer is missing
     return ExportPlan(model_dir, kind, config_dir, tokenizer_file, config, generation, output, quant,
                       architecture, [note] if note else [])
 
 
-def llama_cpp_problem() -> None:
+def require_llama_cpp() -> None:
     """Raise `ExportError` when llama-cpp-python (llama.cpp's quantizer) cannot be imported here."""
     try:
         import llama_cpp  # noqa: F401
-    except (ImportError, OSError) as e:
-        raise ExportError(f"quantizing needs llama-cpp-python ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                          "pip install -r requirements-export.txt, or export --quant f16 and quantize with "
-                          "llama.cpp's llama-quantize") from None
+    except (ImportError, OSError) as e:  # OSError: the package is there but its libllama does not load
+        raise ExportError(f"quantizing needs llama-cpp-python ({type(e).__name__}): pip install -r "
+                          "requirements-export.txt, or export --quant f16 and run llama.cpp's llama-quantize") from None
 
 
 # ----- weights -----
@@ -453,8 +451,8 @@ def quantize_gguf(source: Path, target: Path, quant: str, threads: int = 0) -> l
     if status != 0:
         raise ExportRunError(f"llama.cpp's quantizer failed ({quant}, status {status}): "
                              f"{log[-1] if log else 'no message'}")
-    return [f"llama.cpp: {line.partition('WARNING: ')[2]} (rows not a multiple of the {quant} block: a "
-            "smaller or larger type is used for them)" for line in log if "required fallback quantization" in line]
+    return [f"llama.cpp: {line.partition('WARNING: ')[2]} (their rows are not a multiple of the {quant} block, "
+            "so another type holds them)" for line in log if "required fallback quantization" in line]
 
 
 # ----- the Ollama Modelfile -----
@@ -480,7 +478,8 @@ def modelfile_text(gguf_name: str, plan: ExportPlan, user_piece: str, assistant_
         "{{- end }}"
     )
     lines = [
-        "# Ollama: ollama create NAME -f Modelfile   (written by baichuan-finetune export; docs/deploy.md)",
+        f"# Ollama: ollama create NAME -f {Path(gguf_name).with_suffix(MODELFILE_SUFFIX)}   "
+        "(written by baichuan-finetune export; docs/deploy.md)",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         f'PARAMETER stop "{user_piece}"',
@@ -542,12 +541,13 @@ def export_gguf(model: str | Path, output: str | Path, quant: str = "f16", overw
     """Export `model` (a model, checkpoint or LoRA adapter directory) to the GGUF file `output`.
 
     Raises `ExportError` (one line) before reading weights when `check_export` refuses. ``modelfile``
-    writes an Ollama ``Modelfile`` next to the GGUF (replacing one only with `overwrite`).
+    writes an Ollama Modelfile next to the GGUF, ``NAME.Modelfile`` for ``NAME.gguf`` (replacing one only with
+    `overwrite`).
     """
     start = time.monotonic()
     plan = check_export(model, output, quant, overwrite)
     output, quant = plan.output, plan.quant
-    modelfile_path = output.parent / MODELFILE if modelfile else None
+    modelfile_path = output.with_suffix(MODELFILE_SUFFIX) if modelfile else None
     if modelfile_path is not None and modelfile_path.exists() and not overwrite:
         raise ExportError(f"{modelfile_path} exists: pass --overwrite to replace it, or --no_modelfile")
     say = warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))

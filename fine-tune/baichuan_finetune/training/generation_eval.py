@@ -15,8 +15,8 @@ scored in lockstep: generation with ``synced_gpus`` (a rank out of prompts keeps
 with equal shares (the short ones padded with a repeated question that is not counted). Results are
 gathered, so every rank computes the same figures and takes the same decision.
 
-The scores are the metrics the added values mean: a new evaluation's numbers are comparable with the
-earlier ones because the sample, the prompts and greedy decoding do not change during the run.
+Evaluations of one run compare with each other because nothing but the weights changes between them:
+the same sample, the same prompt ids, greedy decoding.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ CELL_CHARS = 300
 
 @dataclass
 class WatchInputs:
-    """The evaluation inputs, read and checked before the model loads: the sampled prompts and the
-    multiple-choice task (None when the flag is not given)."""
+    """The evaluation inputs, read and checked before the model loads: the sampled prompts (with their
+    0-based numbers in the file) and the multiple-choice task (None when the flag is not given)."""
 
-    prompts: list[Prompt] | None = None
+    prompts: list[tuple[int, Prompt]] | None = None
     task: Task | None = None
 
 
@@ -67,7 +67,7 @@ def read_inputs(t: TrainingArguments) -> WatchInputs:
             prompts = read_prompts(t.eval_generation_file)
         except DataError as e:
             raise DataError(f"--eval_generation_file: {e}") from None
-        inputs.prompts = sample_prompts(prompts, t.eval_generation_samples, t.seed)
+        inputs.prompts = [(i, prompts[i]) for i in sample(len(prompts), t.eval_generation_samples, t.seed)]
     if t.eval_mc_dir:
         try:
             inputs.task = read_task(t.eval_mc_dir, shots=t.eval_mc_shots, limit=t.eval_mc_limit)
@@ -76,12 +76,11 @@ def read_inputs(t: TrainingArguments) -> WatchInputs:
     return inputs
 
 
-def sample_prompts(prompts: list[Prompt], count: int, seed: int) -> list[Prompt]:
-    """`count` of `prompts` drawn with `seed` (all of them when there are no more), in file order."""
-    if len(prompts) <= count:
-        return list(prompts)
-    chosen = sorted(random.Random(seed).sample(range(len(prompts)), count))
-    return [prompts[i] for i in chosen]
+def sample(total: int, count: int, seed: int) -> list[int]:
+    """`count` of the numbers ``0..total-1`` drawn with `seed` (all of them when there are no more), sorted."""
+    if total <= count:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), count))
 
 
 def watch_callbacks(trainer, inputs: WatchInputs) -> list[TrainerCallback]:
@@ -128,10 +127,11 @@ class ForgettingDetected(saving.RunError):
 class GenerationWatch(TrainerCallback):
     """At each evaluation: answers to the sampled prompts, their BLEU/ROUGE, a table of them."""
 
-    def __init__(self, trainer, prompts: list[Prompt]):
+    def __init__(self, trainer, prompts: list[tuple[int, Prompt]]):
         self.trainer = trainer
-        self.prompts = prompts
-        self.has_references = [p.reference is not None for p in prompts]
+        self.numbers = [number for number, _ in prompts]  # in the file: the `id` of predict's output
+        self.prompts = [prompt for _, prompt in prompts]
+        self.has_references = [p.reference is not None for p in self.prompts]
         self._ids: list[list[int]] | None = None
         if trainer.args.process_index == 0 and not any(self.has_references):
             logger.info("--eval_generation_file: no prompt has a reference; answers are logged without BLEU/ROUGE")
@@ -159,8 +159,8 @@ class GenerationWatch(TrainerCallback):
         if metrics is not None:  # evaluate() returns them: usable as --metric_for_best_model
             metrics.update(logs)
         if state.is_world_process_zero:
-            rows = [{"step": state.global_step, "id": i, "prompt": p.text, "reference": p.reference,
-                     "prediction": text, "new_tokens": new_tokens, "finish_reason": finish,
+            rows = [{"step": state.global_step, "id": self.numbers[i], "source": p.source, "prompt": p.text,
+                     "reference": p.reference, "prediction": text, "new_tokens": new_tokens, "finish_reason": finish,
                      **({"metrics": per_example[i]} if i in per_example else {})}
                     for i, (p, (text, new_tokens, finish)) in enumerate(zip(self.prompts, answers))]
             self._write(args, state, rows)
