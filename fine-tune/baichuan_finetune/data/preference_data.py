@@ -37,12 +37,12 @@ from .records import (
     BadRecord,
     Conversation,
     DataError,
-    _Bad,
+    BadField,
     _json_type,
-    _load_items,
+    load_items,
     parse_items,
     _parse_messages,
-    _text,
+    text_value,
     bad_records_error,
     expand_data_paths,
 )
@@ -89,10 +89,10 @@ def _answer(record: dict, key: str, sharegpt: bool) -> list[str]:
     """The assistant text(s) of ``record[key]``: a message, a list of messages, or a string."""
     value = record.get(key)
     if value is None:
-        raise _Bad(key, "missing answer", "missing answer")
+        raise BadField(key, "missing answer", "missing answer")
     messages = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
-        raise _Bad(key, "empty answer (no message)", "empty answer")
+        raise BadField(key, "empty answer (no message)", "empty answer")
     texts: list[str] = []
     for i, msg in enumerate(messages):
         where = f"{key}[{i}]" if isinstance(value, list) else key
@@ -100,41 +100,41 @@ def _answer(record: dict, key: str, sharegpt: bool) -> list[str]:
             texts.append(msg)
             continue
         if not isinstance(msg, dict):
-            raise _Bad(where, f"is a JSON {_json_type(msg)}, expected a message or a string", "bad answer")
+            raise BadField(where, f"is a JSON {_json_type(msg)}, expected a message or a string", "bad answer")
         role_key = "from" if "from" in msg else "role"
         text_key = "value" if "value" in msg else "content"
         roles = _SHAREGPT_ROLES if sharegpt else _OPENAI_ROLES
         role = msg.get(role_key, "gpt" if sharegpt else "assistant")
         if roles.get(role) != ASSISTANT:
-            raise _Bad(f"{where}.{role_key}", f"role {role!r}: an answer must be the assistant's", "bad answer")
-        texts.append(_text(msg.get(text_key), f"{where}.{text_key}"))
+            raise BadField(f"{where}.{role_key}", f"role {role!r}: an answer must be the assistant's", "bad answer")
+        texts.append(text_value(msg.get(text_key), f"{where}.{text_key}"))
     if any(not t.strip() for t in texts):
-        raise _Bad(key, "empty answer", "empty answer")
+        raise BadField(key, "empty answer", "empty answer")
     return texts
 
 
 def parse_pair(record: dict, fmt: str) -> PreferencePair:
-    """One pair record of format `fmt`; raises `records._Bad` naming the field."""
+    """One pair record of format `fmt`; raises `records.BadField` naming the field."""
     sharegpt = fmt == "sharegpt_pair"
     if sharegpt:
         prompt = _parse_messages(record, "conversations", _SHAREGPT_ROLES, _SHAREGPT_EXPECTED)
         key = "conversations"
     elif isinstance(record.get("prompt"), str):
         if not record["prompt"].strip():
-            raise _Bad("prompt", "empty prompt", "empty prompt")
+            raise BadField("prompt", "empty prompt", "empty prompt")
         prompt = Conversation(turns=[(USER, record["prompt"])],
-                              system=_text(record.get("system"), "system", required=False))
+                              system=text_value(record.get("system"), "system", required=False))
         key = "prompt"
     else:
         prompt = _parse_messages(record, "prompt", _OPENAI_ROLES, _OPENAI_EXPECTED)
         key = "prompt"
     if prompt.turns[-1][0] != USER:
-        raise _Bad(f"{key}[{len(record[key]) - 1}]", "the prompt ends with an assistant turn; it must end with "
+        raise BadField(f"{key}[{len(record[key]) - 1}]", "the prompt ends with an assistant turn; it must end with "
                    "the user's turn that the answers reply to", "prompt ends with assistant")
     chosen = _answer(record, "chosen", sharegpt)
     rejected = _answer(record, "rejected", sharegpt)
     if chosen == rejected:
-        raise _Bad("rejected", "identical to chosen (nothing to prefer)", "identical answers")
+        raise BadField("rejected", "identical to chosen (nothing to prefer)", "identical answers")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected)
 
 
@@ -142,7 +142,7 @@ def read_pairs(data_path: str, on_bad_record: Literal["error", "skip"] = "error"
     """Every pair of the files named by `data_path`; bad records raise one `DataError` or are skipped."""
     result = PairReadResult()
     for path in expand_data_paths(data_path):
-        items = _load_items(path)
+        items = load_items(path)
         fmt = next((detect_pair_format(item) for _, item in items
                     if isinstance(item, dict) and detect_pair_format(item)), None)
         if fmt is None:

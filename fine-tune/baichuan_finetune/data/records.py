@@ -84,7 +84,10 @@ class ReadResult:
     formats: dict[str, str] = field(default_factory=dict)  # file -> detected format
 
 
-class _Bad(Exception):
+class BadField(Exception):
+    """A record's field that cannot be used; the readers turn it into a `BadRecord` naming file, record
+    and field."""
+
     def __init__(self, field: str, message: str, reason: str):
         super().__init__(message)
         self.field, self.message, self.reason = field, message, reason
@@ -127,8 +130,8 @@ def expand_data_paths(data_path: str) -> list[str]:
     return paths
 
 
-def _load_items(path: str) -> list[tuple[str, Any]]:
-    """(where, parsed item) for each record; an unparsable JSONL line gives a `_Bad` as item."""
+def load_items(path: str) -> list[tuple[str, Any]]:
+    """(where, parsed item) for each record; an unparsable JSONL line gives a `BadField` as item."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -163,11 +166,11 @@ def _load_items(path: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             if lineno == 1 and stripped[0] == "{":
                 _reject_single_object(path, text)
-            items.append((f"{path} line {lineno}", _Bad("", f"invalid JSON at column {e.colno}: {e.msg}", "invalid JSON")))
+            items.append((f"{path} line {lineno}", BadField("", f"invalid JSON at column {e.colno}: {e.msg}", "invalid JSON")))
         except RecursionError:
             point = _deep_point(line)
             at = f" (more than {DEEP_NESTING} levels at column {point[2]})" if point else ""
-            items.append((f"{path} line {lineno}", _Bad("", f"JSON nested too deeply for the JSON reader{at}",
+            items.append((f"{path} line {lineno}", BadField("", f"JSON nested too deeply for the JSON reader{at}",
                                                         "invalid JSON")))
     return items
 
@@ -227,7 +230,7 @@ def detect_format(record: dict) -> str | None:
 def read_file(path: str) -> ReadResult:
     """Read one file. File-level problems raise `DataError`; record problems are returned as `bad_records`."""
     result = ReadResult()
-    items = _load_items(path)
+    items = load_items(path)
     fmt = next((detect_format(item) for _, item in items if isinstance(item, dict) and detect_format(item)), None)
     if fmt is None:
         first = next((item for _, item in items if isinstance(item, dict)), None)
@@ -251,16 +254,16 @@ def read_file(path: str) -> ReadResult:
 
 def parse_items(items: list[tuple[str, Any]], parse: Callable[[dict], Any]) -> tuple[list[tuple[str, Any]],
                                                                                       list[BadRecord]]:
-    """``(where, parse(item))`` for each good record of `_load_items`, and a `BadRecord` for each other."""
+    """``(where, parse(item))`` for each good record of `load_items`, and a `BadRecord` for each other."""
     parsed, bad = [], []
     for where, item in items:
         try:
-            if isinstance(item, _Bad):
+            if isinstance(item, BadField):
                 raise item
             if not isinstance(item, dict):
-                raise _Bad("", f"record is a JSON {_json_type(item)}, expected an object", "not an object")
+                raise BadField("", f"record is a JSON {_json_type(item)}, expected an object", "not an object")
             parsed.append((where, parse(item)))
-        except _Bad as b:
+        except BadField as b:
             bad.append(BadRecord(where, b.field, b.message, b.reason))
     return parsed, bad
 
@@ -284,17 +287,18 @@ def read_records(data_path: str, on_bad_record: Literal["error", "skip"] = "erro
     return result
 
 
-def bad_records_error(bad: list[BadRecord], what: str = "training data") -> DataError:
+def bad_records_error(bad: list[BadRecord], what: str = "training data", can_skip: bool = True) -> DataError:
     """One `DataError` listing the first MAX_LISTED_PROBLEMS problems and their count; a single problem
-    is one line."""
+    is one line. `can_skip`: the reader offers ``on_bad_record='skip'``, so the message suggests it."""
     problems = [str(b) for b in bad]
     if len(problems) == 1:
-        return DataError(f"1 bad record in the {what}: {problems[0]} (use on_bad_record='skip' to drop it)",
-                         problems)
+        hint = " (use on_bad_record='skip' to drop it)" if can_skip else ""
+        return DataError(f"1 bad record in the {what}: {problems[0]}{hint}", problems)
     lines = problems[:MAX_LISTED_PROBLEMS]
     more = f"\n  ... and {len(problems) - len(lines)} more" if len(problems) > len(lines) else ""
+    hint = " (use on_bad_record='skip' to drop them)" if can_skip else ""
     msg = (
-        f"{len(problems)} bad record(s) in the {what} (use on_bad_record='skip' to drop them):\n  "
+        f"{len(problems)} bad record(s) in the {what}{hint}:\n  "
         + "\n  ".join(lines)
         + more
     )
@@ -309,57 +313,59 @@ def _json_type(value: Any) -> str:
     )
 
 
-def _text(value: Any, field: str, required: bool = True) -> str:
+def text_value(value: Any, field: str, required: bool = True) -> str:
+    """`value` as text (None is "" unless `required`); `BadField` naming `field` for anything else or
+    for invalid Unicode."""
     if isinstance(value, str):
         if (bad := _SURROGATE.search(value)) is not None:
-            raise _Bad(field, f"invalid Unicode: lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+            raise BadField(field, f"invalid Unicode: lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
                               "(an unpaired \\u escape)", "invalid Unicode")
         return value
     if value is None and not required:
         return ""
     if value is None:
-        raise _Bad(field, "missing text", "missing or non-string text")
-    raise _Bad(field, f"text is a JSON {_json_type(value)}, expected a string", "missing or non-string text")
+        raise BadField(field, "missing text", "missing or non-string text")
+    raise BadField(field, f"text is a JSON {_json_type(value)}, expected a string", "missing or non-string text")
 
 
 def _parse_messages(record: dict, key: str, roles: dict[str, str], expected: str) -> Conversation:
     messages = record.get(key)
     if not isinstance(messages, list):
         if messages is None:
-            raise _Bad(key, "missing conversation field", "no conversation field")
-        raise _Bad(key, f"is a JSON {_json_type(messages)}, expected an array of messages", "no conversation field")
+            raise BadField(key, "missing conversation field", "no conversation field")
+        raise BadField(key, f"is a JSON {_json_type(messages)}, expected an array of messages", "no conversation field")
     if not messages:
-        raise _Bad(key, "empty conversation", "empty conversation")
-    system = _text(record.get("system"), "system", required=False)
+        raise BadField(key, "empty conversation", "empty conversation")
+    system = text_value(record.get("system"), "system", required=False)
     has_system_field = "system" in record and record.get("system") is not None
     turns: list[tuple[str, str]] = []
     untrained: list[int] = []  # turns with "weight": 0
     for i, msg in enumerate(messages):
         where = f"{key}[{i}]"
         if not isinstance(msg, dict):
-            raise _Bad(where, f"message is a JSON {_json_type(msg)}, expected an object", "not an object")
+            raise BadField(where, f"message is a JSON {_json_type(msg)}, expected an object", "not an object")
         role_key = "from" if "from" in msg else "role"
         text_key = "value" if "value" in msg else "content" if "content" in msg else (
             "value" if role_key == "from" else "content")
         role = msg.get(role_key)
         if not isinstance(role, str):
-            raise _Bad(f"{where}.{role_key}", "missing role" if role is None else f"role is a JSON {_json_type(role)}",
+            raise BadField(f"{where}.{role_key}", "missing role" if role is None else f"role is a JSON {_json_type(role)}",
                        "unknown role")
-        text = _text(msg.get(text_key), f"{where}.{text_key}")
+        text = text_value(msg.get(text_key), f"{where}.{text_key}")
         if role == "system":
             if i != 0:
-                raise _Bad(f"{where}.{role_key}", "system message not in first place", "system not first")
+                raise BadField(f"{where}.{role_key}", "system message not in first place", "system not first")
             if has_system_field:
-                raise _Bad(f"{where}.{role_key}", "both a 'system' field and a system message", "system not first")
+                raise BadField(f"{where}.{role_key}", "both a 'system' field and a system message", "system not first")
             system = text
             continue
         if role not in roles:
-            raise _Bad(f"{where}.{role_key}", f"unknown role {role!r} (expected {expected})", "unknown role")
+            raise BadField(f"{where}.{role_key}", f"unknown role {role!r} (expected {expected})", "unknown role")
         if "weight" in msg and not _trained(msg["weight"], roles[role], f"{where}.weight"):
             untrained.append(len(turns))
         turns.append((roles[role], text))
     if not turns:
-        raise _Bad(key, "empty conversation (only a system message)", "empty conversation")
+        raise BadField(key, "empty conversation (only a system message)", "empty conversation")
     return Conversation(turns=turns, system=system, untrained_turns=tuple(untrained))
 
 
@@ -367,10 +373,10 @@ def _trained(weight: Any, role: str, field: str) -> bool:
     """OpenAI fine-tuning's per-message ``weight``: 1 trains an assistant message, 0 does not;
     anything else (or a weight on another role) is bad data rather than a guess."""
     if role != ASSISTANT:
-        raise _Bad(field, "only assistant messages have a weight", "bad weight")
+        raise BadField(field, "only assistant messages have a weight", "bad weight")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
         shown = json.dumps(weight) if not isinstance(weight, float) or math.isfinite(weight) else repr(weight)
-        raise _Bad(field, f"weight {shown}: expected 0 (not trained) or 1 (trained)", "bad weight")
+        raise BadField(field, f"weight {shown}: expected 0 (not trained) or 1 (trained)", "bad weight")
     return weight == 1
 
 
@@ -385,21 +391,21 @@ def _parse_openai(record: dict) -> Conversation:
 def _parse_alpaca(record: dict) -> Conversation:
     if "instruction" not in record or "output" not in record:
         missing = "instruction" if "instruction" not in record else "output"
-        raise _Bad(missing, "missing conversation field", "no conversation field")
-    instruction = _text(record["instruction"], "instruction")
-    extra = _text(record.get("input"), "input", required=False)
-    output = _text(record["output"], "output")
-    system = _text(record.get("system"), "system", required=False)
+        raise BadField(missing, "missing conversation field", "no conversation field")
+    instruction = text_value(record["instruction"], "instruction")
+    extra = text_value(record.get("input"), "input", required=False)
+    output = text_value(record["output"], "output")
+    system = text_value(record.get("system"), "system", required=False)
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise _Bad("history", f"is a JSON {_json_type(history)}, expected an array of [user, assistant] pairs",
+        raise BadField("history", f"is a JSON {_json_type(history)}, expected an array of [user, assistant] pairs",
                    "bad history")
     turns: list[tuple[str, str]] = []
     for i, pair in enumerate(history):
         if not isinstance(pair, list) or len(pair) != 2:
-            raise _Bad(f"history[{i}]", "expected a [user, assistant] pair", "bad history")
-        turns.append((USER, _text(pair[0], f"history[{i}][0]")))
-        turns.append((ASSISTANT, _text(pair[1], f"history[{i}][1]")))
+            raise BadField(f"history[{i}]", "expected a [user, assistant] pair", "bad history")
+        turns.append((USER, text_value(pair[0], f"history[{i}][0]")))
+        turns.append((ASSISTANT, text_value(pair[1], f"history[{i}][1]")))
     turns.append((USER, f"{instruction}\n{extra}" if extra else instruction))
     turns.append((ASSISTANT, output))
     return Conversation(turns=turns, system=system)

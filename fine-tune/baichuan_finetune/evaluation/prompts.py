@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError, _Bad, _load_items, _text, bad_records_error, detect_format, parse_items, read_file
+from ..data.records import DataError, BadField, load_items, text_value, bad_records_error, detect_format, parse_items, read_file
 from ..model.tokenization_baichuan import ASSISTANT, SYSTEM, USER, build_chat_input
 
 PROMPT_KEYS = ("prompt", "reference", "system", "id")
@@ -57,12 +57,12 @@ def _from_conversation(where: str, turns: list[tuple[str, str]], system: str) ->
 def _parse_prompt_record(record: dict) -> Prompt:
     unknown = [key for key in record if key not in PROMPT_KEYS]
     if unknown:
-        raise _Bad(unknown[0], f"unknown field (a prompt record has {', '.join(PROMPT_KEYS)})", "unknown field")
-    prompt = _text(record.get("prompt"), "prompt")
+        raise BadField(unknown[0], f"unknown field (a prompt record has {', '.join(PROMPT_KEYS)})", "unknown field")
+    prompt = text_value(record.get("prompt"), "prompt")
     if not prompt.strip():
-        raise _Bad("prompt", "empty prompt", "empty prompt")
-    reference = _text(record["reference"], "reference") if record.get("reference") is not None else None
-    system = _text(record.get("system"), "system", required=False)
+        raise BadField("prompt", "empty prompt", "empty prompt")
+    reference = text_value(record["reference"], "reference") if record.get("reference") is not None else None
+    system = text_value(record.get("system"), "system", required=False)
     messages = ([{"role": SYSTEM, "content": system}] if system else []) + [{"role": USER, "content": prompt}]
     return Prompt(messages, reference)
 
@@ -70,7 +70,7 @@ def _parse_prompt_record(record: dict) -> Prompt:
 def _read_prompt_records(path: str, items: list[tuple[str, Any]]) -> list[Prompt]:
     parsed, bad = parse_items(items, _parse_prompt_record)
     if bad:
-        raise bad_records_error(bad, "prompts")
+        raise bad_records_error(bad, "prompts", can_skip=False)
     prompts = []
     for where, prompt in parsed:
         prompt.source = where
@@ -97,14 +97,14 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if path.suffix == ".txt":
         prompts = _read_text_prompts(path)
     else:
-        items = _load_items(str(path))
+        items = load_items(str(path))
         first = next((item for _, item in items if isinstance(item, dict)), None)
         if first is not None and "prompt" in first and detect_format(first) is None:
             prompts = _read_prompt_records(str(path), items)
         else:
             conversations = read_file(str(path))
             if conversations.bad_records:
-                raise bad_records_error(conversations.bad_records, "prompts")
+                raise bad_records_error(conversations.bad_records, "prompts", can_skip=False)
             prompts = [_from_conversation(c.source, c.turns, c.system) for c in conversations.conversations]
     if not prompts:
         raise DataError(f"{path}: no prompts")
