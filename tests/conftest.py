@@ -6,6 +6,7 @@ fresh clone with nothing beside it runs every test except the CUDA-only ones.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,24 @@ def tiny_real_vocab_model_dir(tmp_path_factory, real_tokenizer_model: Path) -> P
     from baichuan_finetune.builder.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "realvocab", tokenizer_model=real_tokenizer_model)
+
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium driven by playwright (the web demo and the predict report)."""
+    from tools_helpers import require
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed: run scripts/install_browser.sh (Debian chromium + chromium-driver)")
+    require("playwright", "the browser tests drive Chromium with playwright (requirements-tools.txt)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()

@@ -204,16 +204,11 @@ def test_q8_0_and_q4_k_m_through_llama_cpp_quantizer(name, models, tmp_path, cap
 
 def fixture_texts(limit: int = 1000) -> list[str]:
     """The first `limit` distinct non-empty strings of tests/fixtures/data (real chat data, zh and en)."""
-    from baichuan_finetune.builder.tiny import collect_strings
+    from baichuan_finetune.builder.tiny import file_strings
 
     texts: list[str] = []
     for path in sorted((REPO_ROOT / "tests" / "fixtures" / "data").iterdir()):
-        if path.suffix == ".json":
-            collect_strings(json.loads(path.read_text(encoding="utf-8")), texts)
-        elif path.suffix == ".jsonl":
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    collect_strings(json.loads(line), texts)
+        file_strings(path, texts)
     return list(dict.fromkeys(t for t in texts if t.strip()))[:limit]
 
 
@@ -330,6 +325,7 @@ def test_killed_export_leaves_no_file_under_the_final_name(models, tmp_path, mon
     assert load_gguf(output).n_vocab() == 1577
 
 
+@pytest.mark.gptq
 def test_gptq_export_answers_as_the_original(models, tmp_path):
     """--format gptq (gptqmodel, calibrated on the quickstart training data): the 4-bit directory loads in
     gptqmodel and greedy-decodes most quickstart prompts as the original does (the count is printed).

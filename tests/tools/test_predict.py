@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO_ROOT / "data" / "quickstart.json"
 # Screenshots of the rendered report: kept after the run (ignored by git), or where TEST_ARTIFACTS_DIR says.
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO_ROOT / ".cache" / "test-artifacts"))
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 MAX_NEW = 16
 
 
@@ -135,22 +133,6 @@ def test_markdown_report_lists_every_prompt_once_with_every_answer(compared):
             assert f"| {label} | {answer} |" in section
     table = report.split("\n## ")[0]
     assert all(f"| {label} (`" in table for label in compared["labels"])
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from tools_helpers import require
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed: run scripts/install_browser.sh (Debian chromium + chromium-driver)")
-    require("playwright", "the browser test drives Chromium with playwright (requirements-tools.txt)")
-    from playwright.sync_api import sync_playwright
-    from test_web_demo import CHROMIUM_FLAGS
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 def test_html_report_renders_offline_in_chromium(compared, browser):

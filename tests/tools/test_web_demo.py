@@ -1,28 +1,9 @@
 """scripts/web_demo.py in a real headless Chromium (Debian's, driven by playwright): a streamed reply."""
 
 import json
-import os
-import shutil
 
 import pytest
 from tools_helpers import make_lora_dir, require, start_server, stop_server
-
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed: run scripts/install_browser.sh (Debian chromium + chromium-driver)")
-    require("playwright", "the browser test drives Chromium with playwright (requirements-tools.txt)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

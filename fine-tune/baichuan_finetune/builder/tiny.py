@@ -58,16 +58,23 @@ def corpus_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in files if p.suffix in (".json", ".jsonl"))
 
 
+def file_strings(path: Path, out: list[str]) -> list[str]:
+    """Append every string value of a .json or .jsonl file to ``out`` (other files add nothing)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        collect_strings(json.loads(path.read_text(encoding="utf-8")), out)
+    elif path.suffix == ".jsonl":
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                collect_strings(json.loads(line), out)
+    return out
+
+
 def corpus_lines(data_dir: Path) -> list[str]:
     """Every string value in the corpus files (``corpus_files``), one line per text line."""
     texts: list[str] = []
     for path in corpus_files(data_dir):
-        if path.suffix == ".json":
-            collect_strings(json.loads(path.read_text(encoding="utf-8")), texts)
-        elif path.suffix == ".jsonl":
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    collect_strings(json.loads(line), texts)
+        file_strings(path, texts)
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"no text found under {data_dir} to train the tiny tokenizer on")
