@@ -7,6 +7,7 @@ fresh clone with nothing beside it runs every test except the CUDA-only ones.
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures"
 REAL_TOKENIZER = FIXTURES / "baichuan2" / "tokenizer.model"
 FIXTURE_DATA = FIXTURES / "data"
 MULTIPLE_CHOICE = FIXTURES / "multiple_choice"
+
+# pytest-xdist's workers (scripts/test.sh runs two) ignore SIGINT, and an ignored signal stays ignored in
+# every process they start: the tests that press Ctrl-C on a training run or a chat need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # No hub here, DeepSpeed on its CPU accelerator, one thread per process on 2 cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,3 +84,22 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def wandb_dir(tmp_path_factory) -> Path:
+    """The offline wandb directory of this test process. wandb reads its settings (WANDB_DIR among them) at
+    the first run of a process and keeps them, so every wandb test of a process shares this one directory
+    (set for the whole session) and finds its own run as the one that appeared during the test."""
+    path = tmp_path_factory.mktemp("wandb")
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(path), WANDB_SILENT="true")
+    return path
+
+
+def new_wandb_runs(wandb_dir: Path, before: set[Path]) -> list[Path]:
+    """The offline run directories under `wandb_dir` that are not in `before`, once the current run is
+    finished (HF's callback leaves its run open, and the next training of this process would join it)."""
+    import wandb
+
+    wandb.finish()
+    return sorted(set(wandb_dir.rglob("offline-run-*")) - before)

@@ -103,12 +103,13 @@ HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
 @pytest.fixture(scope="module")
-def watched_run(tiny_model_dir, inputs, work) -> Path:
-    """Both flags on one run; wandb (offline) beside TensorBoard when it is installed."""
+def watched_run(tiny_model_dir, inputs, work, wandb_dir) -> Path:
+    """Both flags on one run; wandb (offline, its run recorded in work/wandb_run) beside TensorBoard when it is
+    installed."""
+    from conftest import new_wandb_runs
+
     out = work / "watched"
-    saved = dict(os.environ)
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(work / "wandb"), WANDB_SILENT="true")
-    (work / "wandb").mkdir()
+    before = set(wandb_dir.rglob("offline-run-*"))
     try:
         # Two trackers need a config file (a flag takes one name).
         config = work / "trackers.json"
@@ -120,8 +121,7 @@ def watched_run(tiny_model_dir, inputs, work) -> Path:
                       "--eval_mc_dir", inputs["mc"], "--eval_mc_shots", "0", "--eval_mc_limit", "4",
                       "--metric_for_best_model", "eval_rouge-l")])
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        (work / "wandb_run").write_text("\n".join(map(str, new_wandb_runs(wandb_dir, before))))
     assert code == 0
     return out
 
@@ -146,8 +146,10 @@ def test_scalars_reach_tensorboard(watched_run):
 
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (requirements-tools.txt)")
 def test_wandb_gets_the_table(watched_run, work):
-    tables = sorted((work / "wandb").rglob("generation_samples_*.table.json"))
-    assert len(tables) == 2, list((work / "wandb").rglob("*.json"))  # one per evaluation
+    runs = [Path(p) for p in (work / "wandb_run").read_text().splitlines()]
+    assert len(runs) == 1, runs
+    tables = sorted(runs[0].rglob("generation_samples_*.table.json"))
+    assert len(tables) == 2, list(runs[0].rglob("*.json"))  # one per evaluation
     rows = [json.loads(line) for line in (watched_run / "eval_generations.jsonl").read_text().splitlines()]
     logged = [json.loads(path.read_text(encoding="utf-8")) for path in tables]
     assert all(table["columns"] == ["id", "prompt", "reference", "prediction", "rouge-l"] for table in logged)

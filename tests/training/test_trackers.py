@@ -43,16 +43,15 @@ def test_tensorboard_scalars(tiny_model_dir, tmp_path):
     assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_second"))
 
 
-def test_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
+def test_wandb_offline(tiny_model_dir, tmp_path, wandb_dir):
+    from conftest import new_wandb_runs
+
     if importlib.util.find_spec("wandb") is None:
         pytest.skip("wandb is not installed (requirements-tools.txt)")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wandb").mkdir()
+    before = set(wandb_dir.rglob("offline-run-*"))
     assert main(train_args(tiny_model_dir, tmp_path, "wandb")) == 0
-    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
-    assert runs and list(runs[0].glob("*.wandb")), list((tmp_path / "wandb").rglob("*"))
+    runs = new_wandb_runs(wandb_dir, before)
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list(wandb_dir.rglob("*"))
 
 
 def test_missing_tracker_fails_in_one_line_before_any_work(tiny_model_dir, tmp_path, capsys):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.errors import UsageFault
 from .raw_text import document_files
-from .records import expand_data_paths
+from .records import DataError, expand_data_paths
 
 STRATEGIES = ("concat", "interleave_under", "interleave_over")
 _DRAW_BLOCK = 1000  # source draws per rng call, as datasets draws them
@@ -103,7 +103,12 @@ def source_files(path: str, stage: str = "sft") -> list[str]:
 
 def data_files(data_path: str, stage: str = "sft") -> list[tuple[str, float | None]]:
     """Every file of every source of `data_path`, in order, each with its source's weight."""
-    return [(f, s.weight) for s in parse_data_sources(data_path) for f in source_files(s.path, stage)]
+    sources = parse_data_sources(data_path)
+    missing = next((s.path for s in sources if not os.path.exists(s.path)), None)
+    if missing is not None and len(sources) > 1:  # a path with a comma in its name reads as two sources
+        raise DataError(f"{missing}: no such file or directory (the data path {data_path!r} is not an existing "
+                        "path, so it was split at commas)")
+    return [(f, s.weight) for s in sources for f in source_files(s.path, stage)]
 
 
 def probabilities(weights: list[float] | None) -> list[float] | None:

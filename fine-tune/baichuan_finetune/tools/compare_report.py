@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import html
 import re
-from pathlib import Path
 
 from ..evaluation.metrics import METRIC_NAMES
 from ..evaluation.prompts import Prompt
@@ -152,12 +151,3 @@ def html_report(prompts: list[Prompt], answers: dict[str, list[dict]], results: 
         out.append("</div></section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
-
-
-def write_reports(output_dir: Path, prompts: list[Prompt], answers: dict[str, list[dict]],
-                  results: dict[str, dict]) -> list[Path]:
-    """Write ``report.md`` and ``report.html`` under ``output_dir``; their paths."""
-    md, page = output_dir / REPORT_MD, output_dir / REPORT_HTML
-    md.write_text(markdown_report(prompts, answers, results), encoding="utf-8")
-    page.write_text(html_report(prompts, answers, results), encoding="utf-8")
-    return [md, page]

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..evaluation.batch_generation import Generation, generate_batch
 from ..evaluation.metrics import text_metrics
 from ..evaluation.prompts import Prompt, chat_prompt_ids, read_prompts
-from .compare_report import write_reports
+from .compare_report import REPORT_HTML, REPORT_MD, html_report, markdown_report
 from .generation import make_generation_config
 from .loading import DTYPES, chat_model, check_model_dir, load_model
 
@@ -179,8 +179,15 @@ def prediction_metrics(model_dir: str, rows: list[dict], settings: PredictSettin
             "examples": [{"id": r["id"], **scores} for r, scores in zip(scored, metrics["examples"])]}
 
 
+def write_text_file(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a killed run leaves earlier files intact and no half file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_json_lines(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_text_file(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def predict(model_dirs: list[str], prompts: list[Prompt], output_dir: str | Path, settings: PredictSettings,
@@ -197,14 +204,15 @@ def predict(model_dirs: list[str], prompts: list[Prompt], output_dir: str | Path
         metrics = prediction_metrics(model_dir, rows, settings)
         (output_dir / label).mkdir(exist_ok=True)
         write_json_lines(output_dir / label / PREDICTIONS_FILE, rows)
-        (output_dir / label / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n",
-                                                       encoding="utf-8")
+        write_text_file(output_dir / label / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
         results[label], answers[label] = metrics, rows
         mean = metrics["mean"]
         scores = ", ".join(f"{k} {v:.2f}" for k, v in mean.items() if v is not None) or "no references"
         log(f"{label}: {len(rows)} prompts, {metrics['new_tokens']} new tokens in {seconds:.1f}s "
             f"({metrics['new_tokens'] / max(seconds, 1e-9):.1f} tokens/s); {scores}")
-    reports = write_reports(output_dir, prompts, answers, results)
+    reports = [output_dir / REPORT_MD, output_dir / REPORT_HTML]
+    write_text_file(reports[0], markdown_report(prompts, answers, results))
+    write_text_file(reports[1], html_report(prompts, answers, results))
     log(f"wrote {output_dir}/<model>/{PREDICTIONS_FILE}, {METRICS_FILE} and {', '.join(str(p) for p in reports)}")
     return results
 
