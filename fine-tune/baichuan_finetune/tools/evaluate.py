@@ -15,7 +15,7 @@ from ..evaluation.multiple_choice import (
     EvalDataError, evaluate_task, file_layout, find_split, parse_columns, question_files, read_questions, read_shots,
     subject_names,
 )
-from .loading import load_model
+from .loading import creation_problem, load_model
 
 __all__ = ["EvalDataError", "check_arguments", "format_table", "harness_results", "run", "write_samples"]
 
@@ -85,11 +85,9 @@ def check_arguments(args) -> None:
         out = Path(args.output_json)
         if out.is_dir():
             raise ValueError(f"--output_json {args.output_json}: is a directory")
-        parent = out.resolve().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ValueError(f"--output_json {args.output_json}: {parent} is a file")
+        problem = creation_problem(out.resolve().parent)
+        if problem is not None:
+            raise ValueError(f"--output_json {args.output_json}: {problem}")
 
 
 def run(args) -> dict:

@@ -49,7 +49,7 @@ from ..model.configuration_baichuan import CHAT_GENERATION_CONFIG
 from ..model.specs_baichuan import ALIBI, ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, ROPE, USER_ID, position_embedding_of
 from ..model.tokenization_baichuan import chat_template
 from .convert import load_weights
-from .loading import (GENERATION_CONFIG, TOKENIZER_FILE, ModelDirError, check_model_dir,
+from .loading import (GENERATION_CONFIG, TOKENIZER_FILE, ModelDirError, check_model_dir, creation_problem,
                       load_model, read_adapter_config, resolve_base_dir)
 from ..checkpoints.saving import fault
 from ..checkpoints.weight_files import WeightFilesError, check_weights
@@ -140,13 +140,9 @@ def _check_output(output: Path, model_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"--output {output} exists: pass --overwrite to replace it")
     if output.resolve().is_relative_to(model_dir.resolve()):
         raise ExportError(f"--output {output}: write the export outside the model directory {model_dir}")
-    ancestor = output.resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ExportError(f"--output {output}: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ExportError(f"--output {output}: {ancestor} is not writable")
+    problem = creation_problem(output.resolve().parent)
+    if problem is not None:
+        raise ExportError(f"--output {output}: {problem}")
 
 
 def check_export(model: str | Path, output: str | Path, quant: str = "f16", overwrite: bool = False) -> ExportPlan:

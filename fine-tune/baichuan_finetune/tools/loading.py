@@ -59,6 +59,19 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def creation_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` (a file or directory to be made, with any missing parents) cannot be created here:
+    its nearest existing ancestor is a file or not writable; None when it can. Checked before loading."""
+    ancestor = Path(path).resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
 def read_json_object(path: Path) -> dict:
     """A JSON object from `path`, or `ModelDirError` naming the file."""
     try:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..checkpoints import fingerprint
-from .loading import ADAPTER_CONFIG, ModelDirError, check_model_dir, load_model, read_adapter_config, resolve_base_dir
+from .loading import (ADAPTER_CONFIG, ModelDirError, check_model_dir, creation_problem, load_model,
+                      read_adapter_config, resolve_base_dir)
 from ..checkpoints.saving import finish_output_dir
 from ..core.errors import UsageFault
 
@@ -69,13 +70,9 @@ def _check_output_dir(output_dir: Path, adapter_dir: Path, base_dir: Path, overw
         # Old shards next to new ones load as a mix of two models: the directory is replaced whole, if at all.
         raise MergeError(f"output_dir {output_dir} is not empty: name a new (or empty) directory, or pass "
                          "--overwrite to replace it")
-    ancestor = output_dir.resolve()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MergeError(f"output_dir {output_dir}: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MergeError(f"output_dir {output_dir}: {ancestor} is not writable")
+    problem = creation_problem(output_dir)
+    if problem is not None:
+        raise MergeError(f"output_dir {output_dir}: {problem}")
 
 
 def check_merge(adapter_dir: str | Path, output_dir: str | Path, max_shard_size: str | int = "2GB",
