@@ -42,6 +42,7 @@ from .collator import DataCollator, pack_arrays
 from .data_stats import DataReport, length_percentiles, padding_efficiency
 from .encoding import EncodedChunk, encode_conversations
 from .mixing import Source, mix_order, parse_data_sources, source_files
+from ..core.processes import pid_running
 from ..model.modeling_baichuan import IGNORE_INDEX
 from .pretrain import encode_documents, pack_documents
 from .raw_text import iter_documents
@@ -317,24 +318,12 @@ def _set_aside(entry: Path) -> None:
         raise DataError(f"data cache {entry}: cannot remove the bad entry: {e.strerror or e}") from None
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _remove_leftovers(root: Path) -> None:
     """Remove temporary and set-aside entries whose process (on this host) is gone: a SIGKILLed run."""
     host = socket.gethostname()
     for path in root.iterdir():
         m = _LEFTOVER.match(path.name)
-        if not m or (m["host"] is not None and m["host"] != host) or _alive(int(m["pid"])):
+        if not m or (m["host"] is not None and m["host"] != host) or pid_running(int(m["pid"])):
             continue
         logger.info("data cache: removing %s, left by a killed run", path)
         if path.is_dir() and not path.is_symlink():

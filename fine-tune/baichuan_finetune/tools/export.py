@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..core.errors import RunFault, UsageFault
+from ..core.processes import pid_running
 from ..core.json_files import JSONObjectError, read_json_object
 from ..model.configuration_baichuan import CHAT_GENERATION_CONFIG
 from ..model.specs_baichuan import ALIBI, ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, ROPE, USER_ID, position_embedding_of
@@ -492,16 +493,6 @@ def modelfile_text(gguf_name: str, plan: ExportPlan, user_piece: str, assistant_
 # ----- the export as a transaction -----
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def temporary_path(output: Path, what: str) -> Path:
     """A name next to `output` for a file being written by this process (``.NAME.WHAT-PID``)."""
     return output.parent / f".{output.name}.{what}-{os.getpid()}"
@@ -512,7 +503,7 @@ def remove_stale_partials(output: Path) -> list[str]:
     notes = []
     for path in sorted(output.parent.glob(f".{glob.escape(output.name)}.*-*")):
         pid = path.name.rpartition("-")[2]
-        if pid.isdigit() and not _pid_running(int(pid)):
+        if pid.isdigit() and not pid_running(int(pid)):
             path.unlink(missing_ok=True)
             notes.append(f"removed {path}, left by an export that was killed (PID {pid})")
     return notes

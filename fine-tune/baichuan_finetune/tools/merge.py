@@ -26,6 +26,7 @@ from .loading import (ADAPTER_CONFIG, ModelDirError, check_model_dir, creation_p
                       read_adapter_config, resolve_base_dir)
 from ..checkpoints.saving import finish_output_dir
 from ..core.errors import UsageFault
+from ..core.processes import pid_running
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -118,16 +119,6 @@ def check_merge(adapter_dir: str | Path, output_dir: str | Path, max_shard_size:
     return plan
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_merges(output_dir: str | Path) -> list[str]:
     """Clean up after merges into `output_dir` that were killed (their PID no longer runs here).
 
@@ -144,7 +135,7 @@ def remove_stale_merges(output_dir: str | Path) -> list[str]:
     for kind in ("merging", "replaced"):
         for path in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}.{kind}-*")):
             pid = path.name.rpartition("-")[2]
-            if not pid.isdigit() or _pid_running(int(pid)):
+            if not pid.isdigit() or pid_running(int(pid)):
                 continue  # a merge still running (on this machine) owns it
             if kind == "replaced" and not output_dir.exists():
                 notes.append(f"{path} is the previous {output_dir}, set aside by a merge that was killed (PID {pid}); "
