@@ -34,13 +34,34 @@ def _data_files(spec: str | None, stage: str = "sft") -> list[str]:
     return [os.path.abspath(p) + ("" if w is None else f":{w:g}") for p, w in data_files(spec, stage)]
 
 
+# A streamed corpus can be terabytes that the run reads once, lazily: hashing it whole at every launch (on
+# every rank) would cost more than the training step it guards. Its files are identified by size and their
+# first and last MiB instead; a cached data set is read whole to be tokenized anyway, so it is hashed whole.
+SAMPLED_BYTES = 1 << 20
+
+
+def file_digest(path: str | os.PathLike, sampled: bool = False) -> bytes:
+    """sha256 of a file's content, or with `sampled` of its size, first and last `SAMPLED_BYTES`."""
+    with open(path, "rb") as f:
+        if not sampled:
+            return hashlib.file_digest(f, "sha256").digest()
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.sha256(str(size).encode())
+        h.update(f.read(SAMPLED_BYTES))
+        if size > SAMPLED_BYTES:
+            f.seek(max(SAMPLED_BYTES, size - SAMPLED_BYTES))
+            h.update(f.read(SAMPLED_BYTES))
+        return h.digest()
+
+
 def data_content(args: Arguments) -> str:
-    """sha256 over the contents of the training and evaluation files, in order (not names or dates)."""
+    """sha256 over the contents of the training and evaluation files, in order (not names or dates); with
+    ``--streaming`` the training files count by size, head and tail (`file_digest`)."""
     h = hashlib.sha256()
     for name, spec in (("train", args.data.data_path), ("eval", args.data.eval_data_path)):
+        sampled = name == "train" and args.data.streaming
         for path, _ in data_files(spec, args.training.stage) if spec else []:
-            with open(path, "rb") as f:
-                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+            h.update(name.encode() + file_digest(path, sampled))
     return h.hexdigest()
 
 
@@ -49,6 +70,9 @@ def run_record(args: Arguments, base_model: str) -> dict[str, Any]:
     t, d, lora = args.training, args.data, args.lora
     settings = {
         "stage": t.stage,
+        # A streamed run's checkpoints hold a stream position, a cached run's a sampler position: never swapped
+        # (checked before data_content, which streaming computes otherwise).
+        "streaming": True if d.streaming else None,
         "use_lora": lora.use_lora,
         "q_lora": lora.q_lora,
         "lora_r": lora.lora_r if lora.use_lora else None,
@@ -66,8 +90,6 @@ def run_record(args: Arguments, base_model: str) -> dict[str, Any]:
         "mix_strategy": f"{d.mix_strategy} seed {t.seed if d.mix_seed is None else d.mix_seed}"
         if d.mix_strategy != "concat" else None,
         "pt_rows": ("cross_document" if d.pt_cross_document else "per_document") if t.stage == "pt" else None,
-        # A streamed run's checkpoints hold a stream position, a cached run's a sampler position: never swapped.
-        "streaming": True if d.streaming else None,
     }
     try:
         base = fingerprint.compute_fingerprint(base_model)
