@@ -34,7 +34,8 @@ SERVERS = ("serve", "web")
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"usage: {PROG} COMMAND [CONFIG.yaml|.json] [--option value ...]", "",
-             "Fine-tune, plan, inspect, merge, chat with, serve and evaluate Baichuan2 models.", "", "commands:"]
+             "Fine-tune, plan, inspect, merge, chat with, serve, evaluate, predict with and export Baichuan2 "
+             "models.", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Every command takes an optional YAML or JSON file of its options first; flags after it",
               "override the file. `baichuan-finetune COMMAND --help` lists a command's options.",
