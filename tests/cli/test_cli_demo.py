@@ -109,7 +109,7 @@ def test_generation_flag_limits():
     """The edges the terminal chat accepts (bad values are in tests/tools/test_tool_errors.py)."""
     import argparse
 
-    from baichuan_finetune.tools.chat_cli import check_generation_arguments
+    from baichuan_finetune.tools.generation import check_generation_arguments
 
     def flags(**values):
         return argparse.Namespace(**{"max_new_tokens": None, "temperature": None, "top_p": None, **values})

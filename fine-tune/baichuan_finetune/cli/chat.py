@@ -14,8 +14,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..tools.chat_cli import add_generation_arguments, check_generation_arguments, run_terminal_chat
-from ..tools.generation import make_generation_config
+from ..tools.chat_cli import run_terminal_chat
+from ..tools.generation import add_generation_arguments, check_generation_arguments, make_generation_config
 from ..tools.loading import ToolArgumentParser, add_model_arguments, check_model_dir, load_model_or_exit
 from .config import parse_with_config
 

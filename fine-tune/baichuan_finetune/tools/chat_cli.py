@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import math
-
 from transformers import GenerationConfig
 
 from .generation import Reply, StopFlag, stream_reply
@@ -92,24 +89,3 @@ def run_terminal_chat(model, tokenizer, generation_config: GenerationConfig, str
         write("\n")
         # What was shown is what the model said: an interrupted reply stays in the history.
         messages.append({"role": "assistant", "content": reply.text})
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--max_new_tokens``, ``--temperature``, ``--top_p``, ``--greedy``: ``make_generation_config``'s overrides."""
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the model's generation config")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the generation config's (0.3)")
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
-
-
-def check_generation_arguments(args: argparse.Namespace) -> None:
-    """Refuse generation flags that would start the chat and fail (or silently misbehave) later.
-
-    Raises ``ValueError`` with one line naming the flag.
-    """
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: expected a number >= 1")
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)")
-    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
-        raise ValueError(f"--top_p {args.top_p}: expected a number in (0, 1]")

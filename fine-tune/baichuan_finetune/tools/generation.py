@@ -8,6 +8,8 @@ talking"; asked in this one it ends with eos.
 
 from __future__ import annotations
 
+import argparse
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -30,6 +32,28 @@ def build_prompt_ids(model, tokenizer, messages: list[dict], max_new_tokens: int
     base = chat_model(model)
     max_new_tokens = max_new_tokens or base.generation_config.max_new_tokens or 0
     return chat_prompt_ids(base.config.model_max_length, tokenizer, messages, max_new_tokens)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max_new_tokens``, ``--temperature``, ``--top_p``, ``--greedy``: `make_generation_config`'s
+    overrides (chat and predict)."""
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the model's generation config")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: the generation config's (0.3 for the chat models); 0 = greedy")
+    parser.add_argument("--top_p", type=float, default=None, help="default: the generation config's")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding (default: the model's config, which samples for the chat models)")
+
+
+def check_generation_arguments(args) -> None:
+    """Refuse the `add_generation_arguments` values (on any object with those attributes) that would start
+    and fail, or silently misbehave, later: ``ValueError`` with one line naming the flag."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: expected a number >= 1")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ValueError(f"--top_p {args.top_p}: expected a number in (0, 1]")
 
 
 def make_generation_config(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import time
@@ -30,7 +29,7 @@ from ..evaluation.batch_generation import Generation, generate_batch
 from ..evaluation.metrics import text_metrics
 from ..evaluation.prompts import Prompt, chat_prompt_ids, read_prompts
 from .compare_report import REPORT_HTML, REPORT_MD, html_report, markdown_report
-from .generation import make_generation_config
+from .generation import add_generation_arguments, check_generation_arguments, make_generation_config
 from .loading import DTYPES, chat_model, check_model_dir, load_model
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -54,12 +53,7 @@ class PredictSettings:
 
 def check_settings(settings: PredictSettings, num_gpus: int) -> None:
     """Refuse settings that would fail after loading: ``ValueError``, one line naming the flag."""
-    if settings.max_new_tokens is not None and settings.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens {settings.max_new_tokens}: expected a number >= 1")
-    if settings.temperature is not None and not (math.isfinite(settings.temperature) and settings.temperature >= 0):
-        raise ValueError(f"--temperature {settings.temperature}: expected a number >= 0 (0 = greedy)")
-    if settings.top_p is not None and not (math.isfinite(settings.top_p) and 0 < settings.top_p <= 1):
-        raise ValueError(f"--top_p {settings.top_p}: expected a number in (0, 1]")
+    check_generation_arguments(settings)
     if settings.batch_size < 1:
         raise ValueError(f"--batch_size {settings.batch_size}: expected a number >= 1")
     if num_gpus < 1:
@@ -225,12 +219,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts: a conversation file (any training format; the last assistant turn is the "
                              "reference), JSONL/JSON of {\"prompt\", \"reference\"?}, or a .txt with one per line")
     parser.add_argument("--output_dir", required=True, help="where predictions, metrics and the report go")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the model's generation config")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="default: the generation config's (0 = greedy)")
-    parser.add_argument("--top_p", type=float, default=None, help="default: the generation config's")
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's config, "
-                                                                   "which samples for the chat models)")
+    add_generation_arguments(parser)
     parser.add_argument("--seed", type=int, default=42, help="seed of the sampling (process i uses seed + i)")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (default 16)")
     parser.add_argument("--num_gpus", type=int, default=1,
